@@ -1,0 +1,27 @@
+"""The ``nextvit-deploy`` command line. This file only wires commands; each lives in its own module."""
+from __future__ import annotations
+
+import typer
+
+from .bench import EXAMPLES as BENCH_EXAMPLES
+from .bench import bench
+from .doctor import doctor_cmd
+from .export import EXAMPLES as EXPORT_EXAMPLES
+from .export import export_cmd
+from .verify import verify_cmd
+
+app = typer.Typer(
+    name="nextvit-deploy",
+    help="Next-ViT from PyTorch to ONNX, TensorRT and Core ML: export, verify parity, measure latency.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("export", epilog=EXPORT_EXAMPLES)(export_cmd)
+app.command("verify")(verify_cmd)
+app.command("doctor")(doctor_cmd)
+app.command("bench", epilog=BENCH_EXAMPLES)(bench)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,75 @@
+"""``nextvit-deploy doctor``: which backends this machine has, and how to get the missing ones."""
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+from rich.markup import escape
+from rich.table import Table
+
+from .._deps import INSTALL_HINTS, available
+from ._common import handle_errors, out
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def backend_rows() -> list[tuple[str, str, str]]:
+    """(backend, status, detail) rows; status is 'ok', 'partial' or 'missing'."""
+    rows = []
+    if available("onnxruntime"):
+        import onnxruntime as ort
+
+        rows.append(("onnxruntime", "ok", f"{ort.__version__}; providers: {', '.join(ort.get_available_providers())}"))
+    else:
+        rows.append(("onnxruntime", "missing", INSTALL_HINTS["onnxruntime"]))
+    import torch
+
+    if torch.cuda.is_available():
+        rows.append(("torch CUDA", "ok", f"torch {torch.__version__}; {torch.cuda.get_device_name(0)}"))
+    else:
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no NVIDIA GPU/driver visible"
+        rows.append(("torch CUDA", "missing", f"torch {torch.__version__}: {why}; CPU eager works"))
+    if available("tensorrt"):
+        try:
+            import tensorrt as trt
+
+            rows.append(("tensorrt", "ok", f"{trt.__version__}"))
+        except Exception as exc:  # the PyPI stub packages fail at import time
+            rows.append(("tensorrt", "missing", f"import fails ({type(exc).__name__}); {INSTALL_HINTS['tensorrt']}"))
+    else:
+        rows.append(("tensorrt", "missing", f"not installed; {INSTALL_HINTS['tensorrt']}. Without it, "
+                     "'export --target trt' writes the TensorRT-ready ONNX and the trtexec command"))
+    ct = _version("coremltools")
+    if ct is None:
+        rows.append(("coremltools", "missing", INSTALL_HINTS["coremltools"]))
+    elif sys.platform == "darwin":
+        rows.append(("coremltools", "ok", f"{ct}; conversion and Core ML prediction"))
+    else:
+        rows.append(("coremltools", "partial", f"{ct}; conversion works, Core ML prediction needs macOS "
+                     "(verify uses the MIL evaluator here)"))
+    for mod, dist, why in (("onnxsim", "onnxsim", "ONNX simplification"),
+                           ("onnxslim", "onnxslim", "fallback ONNX simplification"),
+                           ("timm", "timm", "baseline models for bench and the oracle test")):
+        v = _version(dist)
+        rows.append((mod, "ok" if v else "missing", f"{v} ({why})" if v else f"{INSTALL_HINTS[mod]} ({why})"))
+    return rows
+
+
+@handle_errors
+def doctor_cmd() -> None:
+    """Show which backends this machine has and how to install the missing ones."""
+    table = Table(title=f"nextvit-deploy doctor: {platform.platform()}, Python {platform.python_version()}",
+                  title_justify="left")
+    table.add_column("backend")
+    table.add_column("status")
+    table.add_column("detail / how to install")
+    colors = {"ok": "green", "partial": "yellow", "missing": "red"}
+    for name, status, detail in backend_rows():
+        table.add_row(name, f"[{colors[status]}]{status}[/]", escape(detail))
+    out.print(table)

@@ -1,0 +1,84 @@
+"""``nextvit-deploy export``: write an artifact (and its manifest) for a target and precision."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from ..errors import BadInput, DeployError
+from ._common import (BatchOpt, CheckpointOpt, ImageSizeOpt, JsonOpt, PrecisionName, TargetName, VariantOpt,
+                      err, handle_errors, out, progress_status)
+
+EXAMPLES = """
+Examples:
+
+  nextvit-deploy export --target onnx --batch 1:8            # dynamic-batch fp32 ONNX of Next-ViT-S
+
+  nextvit-deploy export --target trt --precision fp16 --batch 8
+
+  nextvit-deploy export --target trt --precision int8 --calib-dir images/ --calib-images 256
+
+  nextvit-deploy export --target coreml --precision fp16 --input-kind image
+"""
+
+
+@handle_errors
+def export_cmd(
+    target: Annotated[TargetName, typer.Option("--target", "-t", help="Where the model will run.")] = "onnx",
+    precision: Annotated[PrecisionName, typer.Option("--precision", "-p", help="Numeric precision.")] = "fp32",
+    variant: VariantOpt = "nextvit_small",
+    image_size: ImageSizeOpt = "224",
+    batch: BatchOpt = "1",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("build"),
+    checkpoint: CheckpointOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights when no checkpoint is given.")] = 0,
+    backbone: Annotated[bool, typer.Option("--backbone", help="Export the 4 stage feature maps, not logits.")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph (onnxsim, else onnxslim).")] = True,
+    calib_dir: Annotated[Optional[Path], typer.Option(help="INT8: folder of calibration images.")] = None,
+    calib_images: Annotated[int, typer.Option(help="INT8: use at most this many calibration images.")] = 64,
+    workspace_gb: Annotated[float, typer.Option(help="TensorRT: builder workspace limit (GiB).")] = 4.0,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT: timing cache file to load/save.")] = None,
+    opt_level: Annotated[int, typer.Option(help="TensorRT: builder optimization level 0-5.")] = 3,
+    min_target: Annotated[str, typer.Option(help="Core ML: minimum deployment target (iOS16, macOS13, ...).")] = "iOS16",
+    input_kind: Annotated[str, typer.Option(help="Core ML: 'tensor' (normalised) or 'image' (RGB 0..255).")] = "tensor",
+    labels: Annotated[Optional[Path], typer.Option(help="Core ML: class labels file, one per line.")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Export Next-ViT to ONNX, a TensorRT engine or a Core ML package, with a manifest next to it."""
+    from nextvit_model import resolve_variant
+
+    from ..export import ExportRequest, export, parse_batch, parse_image_size
+    from ..report import artifact_table, write_json
+
+    try:
+        canonical = resolve_variant(variant).name
+    except KeyError as exc:
+        raise BadInput(exc.args[0]) from None
+    if input_kind not in ("tensor", "image"):
+        raise BadInput(f"--input-kind must be 'tensor' or 'image', got {input_kind!r}")
+    if opset < 13:
+        raise BadInput(f"--opset {opset} is too old: use 13 or newer")
+    req = ExportRequest(
+        target=target.value, precision=precision.value, variant=canonical, image_size=parse_image_size(image_size),
+        batch=parse_batch(batch), opset=opset, out_dir=out_dir, checkpoint=checkpoint, seed=seed,
+        features_only=backbone, simplify=simplify, calib_dir=calib_dir, calib_images=calib_images,
+        workspace_gb=workspace_gb, timing_cache=timing_cache, builder_opt_level=opt_level,
+        min_deployment_target=min_target, input_kind=input_kind, class_labels=labels)
+    with progress_status(f"exporting {canonical} to {req.target} ({req.precision})") as say:
+        try:
+            art = export(req, progress=say)
+        except DeployError as exc:
+            partial = getattr(exc, "artifact", None)  # e.g. the TensorRT-ready ONNX when TensorRT is missing
+            if partial is not None:
+                out.print(artifact_table(partial))
+                if partial.details.get("trtexec"):
+                    out.print("equivalent trtexec command:\n  " + escape(partial.details["trtexec"]),
+                          highlight=False, soft_wrap=True)
+            raise
+    out.print(artifact_table(art))
+    if json_path:
+        write_json(json_path, art.to_dict())
+        err.print(f"wrote {json_path}")

@@ -1,0 +1,34 @@
+"""``nextvit-deploy verify``: exported-vs-PyTorch parity; exit 0 pass, 1 parity failed, 2 user error."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import JsonOpt, err, handle_errors, out, progress_status
+
+
+@handle_errors
+def verify_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Exported file (.onnx, .engine, .mlpackage) with its manifest.")],
+    json_path: JsonOpt = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="Cap the largest batch compared.")] = None,
+) -> None:
+    """Run the artifact and its PyTorch reference on real photos and noise; gate on cosine and max abs."""
+    from ..errors import BadInput
+    from ..report import parity_summary, parity_table, write_json
+    from ..verify import verify
+
+    if max_batch is not None and max_batch <= 0:
+        raise BadInput(f"--max-batch must be at least 1, got {max_batch}")
+    with progress_status(f"verifying {artifact.name}") as say:
+        report = verify(artifact, max_batch=max_batch, progress=say)
+    out.print(parity_table(report))
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)
+    out.print(parity_summary(report), highlight=False)
+    if json_path:
+        write_json(json_path, report.to_dict())
+        err.print(f"wrote {json_path}")
+    raise typer.Exit(0 if report else 1)

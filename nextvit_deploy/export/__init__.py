@@ -1,0 +1,150 @@
+"""Exporters. ``export(request)`` validates a request, dispatches to the target's exporter through
+``TARGETS`` and returns the :class:`~nextvit_deploy.artifact.Artifact` it wrote."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..artifact import Artifact, check_writable_dir
+from ..errors import BadInput
+from ..targets import artifact_name, check_precision, load_object
+
+__all__ = ["ExportRequest", "export", "parse_batch", "parse_image_size"]
+
+# progress(message) callback: exporters report long steps through it (the CLI shows a spinner/bar).
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Everything an exporter needs. ``batch`` is (min, opt, max); min == max means a static batch."""
+
+    target: str = "onnx"
+    precision: str = "fp32"
+    variant: str = "nextvit_small"
+    image_size: tuple[int, int] = (224, 224)
+    batch: tuple[int, int, int] = (1, 1, 1)
+    opset: int = 17
+    out_dir: Path = Path("build")
+    checkpoint: Optional[Path] = None
+    seed: int = 0  # random weights (with realistic BatchNorm statistics) when there is no checkpoint
+    features_only: bool = False
+    simplify: bool = True
+    depths: Optional[tuple[int, int, int, int]] = None  # small test models only
+    # INT8 calibration (trt int8, onnx int8)
+    calib_dir: Optional[Path] = None
+    calib_images: int = 64
+    # TensorRT builder
+    workspace_gb: float = 4.0
+    timing_cache: Optional[Path] = None
+    builder_opt_level: int = 3
+    # Core ML
+    min_deployment_target: str = "iOS16"
+    input_kind: str = "tensor"  # "tensor" (normalised float input) or "image" (RGB 0..255)
+    class_labels: Optional[Path] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.batch[0] != self.batch[2]
+
+    def output_path(self, suffix: Optional[str] = None) -> Path:
+        h, w = self.image_size
+        return self.out_dir / artifact_name(self.variant, self.target, self.precision, h, w,
+                                            features_only=self.features_only, suffix=suffix)
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """``"8"`` -> (8, 8, 8); ``"1:8"`` -> (1, 8, 8); ``"1:4:16"`` -> (1, 4, 16) (min:opt:max)."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        raise BadInput(f"--batch {text!r} is not a number or a range: use 8, 1:8 or 1:4:16") from None
+    if not 1 <= len(parts) <= 3:
+        raise BadInput(f"--batch {text!r} has too many parts: use 8, 1:8 or 1:4:16")
+    if any(p <= 0 for p in parts):
+        raise BadInput(f"--batch must be at least 1, got {text}: use 8, 1:8 or 1:4:16")
+    lo, opt, hi = (parts * 3)[:3] if len(parts) == 1 else (parts[0], parts[-1], parts[-1]) if len(parts) == 2 \
+        else tuple(parts)
+    if not lo <= opt <= hi:
+        raise BadInput(f"--batch {text}: need min <= opt <= max")
+    return lo, opt, hi
+
+
+def parse_image_size(text: str | int) -> tuple[int, int]:
+    """``"224"`` -> (224, 224); ``"256x320"`` -> (256, 320) (height x width)."""
+    s = str(text).lower().replace(",", "x")
+    try:
+        parts = [int(p) for p in s.split("x")]
+    except ValueError:
+        raise BadInput(f"--image-size {text!r} is not a size: use 224 or HEIGHTxWIDTH such as 256x320") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise BadInput(f"--image-size {text!r} is not a size: use 224 or HEIGHTxWIDTH such as 256x320")
+    return parts[0], parts[1]
+
+
+def validate_request(req: ExportRequest) -> None:
+    """Check everything that can be checked before work starts (one-line errors naming the fix)."""
+    from nextvit_model import NextViT, resolve_variant
+
+    check_precision(req.target, req.precision)
+    try:
+        cfg = resolve_variant(req.variant)
+    except KeyError as exc:
+        raise BadInput(exc.args[0]) from None
+    if req.variant != cfg.name:
+        raise BadInput(f"internal: variant {req.variant!r} must be canonical ({cfg.name})")
+    if min(req.batch) <= 0:
+        raise BadInput(f"--batch must be at least 1, got {req.batch}")
+    h, w = req.image_size
+    from nextvit_model import InputSizeError
+
+    try:
+        NextViT.check_input_size(_size_probe(cfg.sr_ratios), h, w)
+    except InputSizeError as exc:
+        raise BadInput(f"{exc} (pass --image-size)") from None
+    if req.checkpoint is not None:
+        _check_checkpoint(Path(req.checkpoint), cfg.name)
+    check_writable_dir(req.out_dir)
+
+
+def _check_checkpoint(path: Path, variant: str) -> None:
+    """Fail before any work when the checkpoint is missing, unsafe, corrupt or of another variant."""
+    from nextvit_model import CheckpointError, read_checkpoint
+
+    from ..errors import CheckpointMismatch
+
+    if not path.is_file():
+        raise CheckpointMismatch(f"checkpoint {path} does not exist: check the path given to --checkpoint")
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointMismatch(str(exc)) from None
+    if ckpt.variant is not None and ckpt.variant != variant:
+        short = ckpt.variant.split("_")[1]
+        raise CheckpointMismatch(f"checkpoint {path} is a {ckpt.variant} checkpoint but {variant} was requested: "
+                                 f"pass --variant {short}")
+
+
+class _size_probe:
+    """Just enough of a NextViT for ``check_input_size`` without building the network."""
+
+    def __init__(self, sr_ratios: tuple[int, ...]):
+        self.sr_ratios = sr_ratios
+
+    def min_input_size(self) -> int:
+        from nextvit_model import NextViT
+
+        return NextViT.min_input_size(self)
+
+
+def export(req: ExportRequest, *, progress: Optional[Progress] = None) -> Artifact:
+    """Validate ``req`` and run the target's exporter. Returns the written artifact."""
+    from ..targets import get_target
+
+    validate_request(req)
+    exporter = load_object(get_target(req.target).exporter)
+    return exporter(req, progress=progress or (lambda _msg: None))

@@ -1,0 +1,192 @@
+"""ONNX export of the deploy form: BatchNorms folded, standard-domain operators only, simplified, dynamic
+batch on request, a parity check after simplification, atomic writes, manifest last.
+
+Exporter choice: the TorchScript exporter (``dynamo=False``). It handles the one dynamic axis we need
+(batch) with ``dynamic_axes``, produces the compact graph TensorRT's parser and onnxsim expect, and
+needs no onnxscript; the dynamo exporter is the default in this torch, so the choice is explicit.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .._deps import available, require
+from ..artifact import Artifact, atomic_path, sha256_path, tool_versions
+from ..errors import DeployError
+from ..fuse import fuse_model
+from ..reference import build_model
+from . import ExportRequest
+
+__all__ = ["STANDARD_DOMAINS", "to_onnx", "graph_facts", "simplify_onnx", "export_onnx", "export_fp32_onnx",
+           "output_names_for", "preprocessing_for"]
+
+# Operators outside these domains (com.microsoft contrib ops, custom domains) are runtime-specific.
+STANDARD_DOMAINS = ("", "ai.onnx")
+FEATURE_NAMES = ("feat_s4", "feat_s8", "feat_s16", "feat_s32")
+
+
+def output_names_for(features_only: bool) -> tuple[str, ...]:
+    return FEATURE_NAMES if features_only else ("logits",)
+
+
+def preprocessing_for(variant: str, *, input_kind: str = "tensor") -> dict[str, Any]:
+    from nextvit_model import resolve_variant
+
+    cfg = resolve_variant(variant)
+    return {"mean": list(cfg.mean), "std": list(cfg.std), "crop_pct": cfg.crop_pct,
+            "interpolation": cfg.interpolation, "color": "RGB", "layout": "NCHW",
+            "input_kind": input_kind,
+            "input_range": "normalized: (x/255 - mean) / std" if input_kind == "tensor" else "RGB 0..255"}
+
+
+def to_onnx(model: torch.nn.Module, path: str | Path, *, image_size: tuple[int, int], batch: int,
+            dynamic_batch: bool, opset: int, output_names: tuple[str, ...], input_name: str = "input") -> None:
+    """Trace ``model`` to ONNX at ``path`` (no simplification)."""
+    h, w = image_size
+    dummy = torch.randn(batch, 3, h, w)
+    axes = {n: {0: "batch"} for n in (input_name, *output_names)} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[input_name], output_names=list(output_names), dynamic_axes=axes,
+                          do_constant_folding=True)
+
+
+def graph_facts(model_proto) -> dict[str, Any]:
+    """Operator histogram, non-standard domains and BatchNormalization count of an ONNX graph."""
+    ops: dict[str, int] = {}
+    foreign = set()
+    for node in model_proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        if node.domain not in STANDARD_DOMAINS:
+            foreign.add(f"{node.domain}::{node.op_type}")
+    return {"op_counts": dict(sorted(ops.items())), "nonstandard_ops": sorted(foreign),
+            "batchnorm_nodes": ops.get("BatchNormalization", 0), "nodes": len(model_proto.graph.node)}
+
+
+def _ort_outputs(model_bytes: bytes, feed: np.ndarray) -> list[np.ndarray]:
+    ort = require("onnxruntime", purpose="checking the simplified graph")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: feed})
+
+
+def simplify_onnx(model_proto, *, check_feeds: list[np.ndarray]) -> tuple[Any, str, list[str]]:
+    """Simplify with onnxsim (fallback onnxslim); keep the result only if it stays standard-domain and
+    agrees with the input graph on ``check_feeds``. Returns (model, tool used or "none", notes)."""
+    notes: list[str] = []
+    original = model_proto.SerializeToString()
+    candidates: list[tuple[str, Callable]] = []
+    if available("onnxsim"):
+        def _onnxsim(m):
+            import onnxsim
+
+            simplified, ok = onnxsim.simplify(m, check_n=0)
+            if not ok:
+                raise RuntimeError("onnxsim could not validate the result")
+            return simplified
+        candidates.append(("onnxsim", _onnxsim))
+    if available("onnxslim"):
+        def _onnxslim(m):
+            import onnxslim
+
+            return onnxslim.slim(m)
+        candidates.append(("onnxslim", _onnxslim))
+    if not candidates:
+        return model_proto, "none", ["no simplifier installed (pip install onnxsim or onnxslim)"]
+    for tool, fn in candidates:
+        try:
+            simplified = fn(model_proto)
+        except Exception as exc:  # a simplifier failure is not fatal: try the next one
+            notes.append(f"{tool} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        facts = graph_facts(simplified)
+        if facts["nonstandard_ops"]:
+            notes.append(f"{tool} introduced non-standard ops {facts['nonstandard_ops']}; result discarded")
+            continue
+        new = simplified.SerializeToString()
+        worst = 0.0
+        for feed in check_feeds:
+            for a, b in zip(_ort_outputs(original, feed), _ort_outputs(new, feed)):
+                scale = max(float(np.abs(a).max()), 1e-6)
+                worst = max(worst, float(np.abs(a - b).max()) / scale)
+        if worst > 1e-5:
+            notes.append(f"{tool} changed outputs by {worst:.2e} (relative); result discarded")
+            continue
+        notes.append(f"{tool}: outputs unchanged (max relative difference {worst:.1e})")
+        return simplified, tool, notes
+    return model_proto, "none", notes
+
+
+def export_fp32_onnx(req: ExportRequest, path: Path, *, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Write the fp32 deploy-form ONNX of ``req`` to ``path`` (not atomically: callers pass a temp path).
+
+    Returns the facts that go into the manifest's ``details``.
+    """
+    onnx = require("onnx", purpose="ONNX export")
+    progress(f"building {req.variant} ({'checkpoint' if req.checkpoint else f'random weights, seed {req.seed}'})")
+    model = build_model(req.variant, checkpoint=req.checkpoint, seed=req.seed, features_only=req.features_only,
+                        depths=req.depths)
+    progress("folding BatchNorms (deploy form)")
+    fused = fuse_model(model)
+    if fused.remaining:
+        raise DeployError(f"internal: {fused.remaining} BatchNorm layers survived fusion")
+    names = output_names_for(req.features_only)
+    progress(f"tracing to ONNX (opset {req.opset})")
+    to_onnx(fused.model, path, image_size=req.image_size, batch=req.batch[1], dynamic_batch=req.dynamic_batch,
+            opset=req.opset, output_names=names)
+    proto = onnx.load(str(path))
+    raw_facts = graph_facts(proto)
+    if raw_facts["batchnorm_nodes"]:
+        raise DeployError(f"internal: exported graph has {raw_facts['batchnorm_nodes']} BatchNormalization nodes")
+    notes: list[str] = []
+    tool = "none"
+    if req.simplify:
+        progress("simplifying")
+        h, w = req.image_size
+        rng = np.random.default_rng(0)
+        feeds = [rng.standard_normal((b, 3, h, w), dtype=np.float32) for b in sorted({req.batch[0], req.batch[2]})]
+        proto, tool, notes = simplify_onnx(proto, check_feeds=feeds)
+        onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
+    facts = graph_facts(proto)
+    return {"fused_batchnorms": fused.folded, "simplifier": tool, "simplify_notes": notes,
+            "exporter": "torch.onnx.export(dynamo=False)", **facts}
+
+
+def base_artifact(req: ExportRequest, path: Path, *, details: dict[str, Any], target: Optional[str] = None,
+                  extra_versions: tuple[str, ...] = ()) -> Artifact:
+    """The manifest record shared by every exporter (path must already hold the final bytes)."""
+    h, w = req.image_size
+    return Artifact(
+        path=path, target=target or req.target, precision=req.precision, variant=req.variant,
+        input_shape=(req.batch[1], 3, h, w), batch=req.batch, dynamic_batch=req.dynamic_batch,
+        features_only=req.features_only, input_name="input", output_names=output_names_for(req.features_only),
+        preprocessing=preprocessing_for(req.variant, input_kind=req.input_kind), sha256=sha256_path(path),
+        checkpoint=str(Path(req.checkpoint).resolve()) if req.checkpoint else None,
+        checkpoint_sha256=sha256_path(req.checkpoint) if req.checkpoint else None,
+        seed=None if req.checkpoint else req.seed, depths=req.depths, opset=req.opset,
+        versions=tool_versions("onnxsim", "onnxslim", *extra_versions), details=details)
+
+
+def export_onnx(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifact:
+    """``nextvit-deploy export --target onnx``: fp32 deploy form, or its fp16/int8 transform."""
+    final = req.output_path()
+    with atomic_path(final) as tmp:
+        details = export_fp32_onnx(req, tmp, progress=progress)
+        if req.precision != "fp32":
+            from .precision import apply_precision
+
+            details["precision_transform"] = apply_precision(tmp, tmp, req, convention="onnxruntime",
+                                                             progress=progress)
+        # the manifest describes the final bytes: hash the temp file, which becomes `final` unchanged
+        art = base_artifact(req, tmp, details=details)
+    art = art.replace(path=final)
+    art.save_manifest()
+    return art

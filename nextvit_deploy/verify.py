@@ -1,0 +1,75 @@
+"""``nextvit-deploy verify``: run an artifact and its PyTorch reference on the same inputs and compare.
+
+Inputs: real photos from ``skimage.data`` with the model's preprocessing, and uniform-noise images, each
+at batch 1 and at the largest batch the artifact accepts. The reference is rebuilt from the manifest
+alone (checkpoint + sha256, or the seed of a random initialisation with realistic BatchNorm
+statistics). The candidate runner comes from the artifact's target row in ``TARGETS``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .artifact import Artifact
+from .backends.torch import TorchRunner
+from .data import noise_images, normalize, photos
+from .parity import ParityReport, Tolerance, compare_outputs, tolerance_for
+from .reference import reference_model
+from .targets import get_target, load_object
+
+__all__ = ["verify", "verify_artifact", "candidate_input", "parity_cases"]
+
+Progress = Callable[[str], None]
+
+
+def candidate_input(images01: np.ndarray, artifact: Artifact) -> np.ndarray:
+    """What the artifact's input expects for ``images01`` (float32 NCHW in [0, 1])."""
+    if artifact.preprocessing.get("input_kind") == "image":
+        return (images01 * 255.0).astype(np.float32)
+    return normalize(images01, artifact.preprocessing["mean"], artifact.preprocessing["std"])
+
+
+def parity_cases(artifact: Artifact, *, max_batch: Optional[int] = None) -> list[tuple[str, np.ndarray]]:
+    """(case name, images in [0, 1]) pairs: photos and noise, at batch 1 and the artifact's largest batch."""
+    lo, _, hi = artifact.batch
+    batches = sorted({lo, min(hi, max_batch) if max_batch else hi})
+    crop = artifact.preprocessing.get("crop_pct", 0.95)
+    cases = []
+    for b in batches:
+        cases.append((f"photos x{b}", photos(b, artifact.image_size, crop_pct=crop)))
+        cases.append((f"noise x{b}", noise_images(b, artifact.image_size, seed=b)))
+    return cases
+
+
+def verify_artifact(artifact: Artifact, *, tolerance: Optional[Tolerance] = None, max_batch: Optional[int] = None,
+                    runner_options: Optional[dict] = None, progress: Optional[Progress] = None) -> ParityReport:
+    """Compare ``artifact`` against its PyTorch fp32 reference. Returns a report; never raises on mismatch."""
+    say = progress or (lambda _m: None)
+    tol = tolerance or tolerance_for(artifact.precision)
+    say("rebuilding the PyTorch reference from the manifest")
+    reference = TorchRunner(reference_model(artifact), output_names=artifact.output_names,
+                            name=f"TorchRunner({artifact.variant}, fp32)")
+    make_runner = load_object(get_target(artifact.target).runner)
+    candidate = make_runner(artifact, **(runner_options or {}))
+    results = []
+    with reference, candidate:
+        for case, images in parity_cases(artifact, max_batch=max_batch):
+            say(f"running {case}")
+            ref = reference.infer({"input": normalize(images, artifact.preprocessing["mean"],
+                                                      artifact.preprocessing["std"])})
+            cand = candidate.infer({artifact.input_name: candidate_input(images, artifact)})
+            results.append(compare_outputs(ref, cand, tolerance=tol, case=case))
+    notes = []
+    if artifact.seed is not None:
+        notes.append(f"random weights (seed {artifact.seed}) with realistic BatchNorm statistics; "
+                     "top-1 is not gated (near-tied logits)")
+    return ParityReport(artifact=artifact.path.name, target=artifact.target, precision=artifact.precision,
+                        reference=reference.name, candidate=candidate.name, candidate_device=candidate.device,
+                        tolerance=tol, cases=results, notes=notes)
+
+
+def verify(path: str | Path, **kwargs) -> ParityReport:
+    """Load the artifact at ``path`` (its manifest must sit next to it) and verify it."""
+    return verify_artifact(Artifact.load(path), **kwargs)

@@ -1,0 +1,62 @@
+"""Shared fixtures: small and full Next-ViT models with realistic BatchNorm statistics, real photos."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from nextvit_deploy.data import normalize, photos
+from nextvit_deploy.reference import random_model
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_DEPTHS = (1, 1, 5, 1)  # every block type, stage 3's 5-block pattern once
+
+
+def requires(module: str):
+    """Skip marker naming the missing optional package."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"{module} is not installed (optional dependency)")
+
+
+def photo_batch(n: int, size=224) -> torch.Tensor:
+    return torch.from_numpy(normalize(photos(n, size), MEAN, STD))
+
+
+@pytest.fixture(scope="session")
+def small_model() -> torch.nn.Module:
+    """Next-ViT with depths (1, 1, 5, 1), random weights, realistic BatchNorm statistics."""
+    return random_model("nextvit_small", seed=3, depths=SMALL_DEPTHS)
+
+
+@pytest.fixture(scope="session")
+def small_backbone() -> torch.nn.Module:
+    return random_model("nextvit_small", seed=4, depths=SMALL_DEPTHS, features_only=True)
+
+
+@pytest.fixture(scope="session")
+def s_model() -> torch.nn.Module:
+    """Full Next-ViT-S, random weights, realistic BatchNorm statistics (seed 0)."""
+    return random_model("nextvit_small", seed=0)
+
+
+@pytest.fixture(scope="session")
+def photos224() -> torch.Tensor:
+    return photo_batch(4, 224)
+
+
+@pytest.fixture(scope="session")
+def s_checkpoint(tmp_path_factory, s_model) -> "Path":
+    """A plain state-dict checkpoint of the Next-ViT-S fixture (our/timm layout)."""
+    path = tmp_path_factory.mktemp("ckpt") / "nextvit_small_timm.pth"
+    torch.save(s_model.state_dict(), path)
+    return path
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def np_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(a).max())

@@ -1,0 +1,142 @@
+"""The command line: the README's flow works, and every bad input exits 2 with one line, writing nothing."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nextvit_deploy.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def assert_user_error(result, pattern: str, out_dir: Path | None = None):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
+    import re
+
+    assert re.search(pattern, errors[0]), errors[0]
+    if out_dir is not None and out_dir.exists():
+        assert list(out_dir.iterdir()) == [], "a failed export must leave no artifact behind"
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    for cmd in ("export", "verify", "doctor"):
+        assert cmd in result.stdout
+
+
+def test_doctor_reports_backends():
+    result = run("doctor")
+    assert result.exit_code == 0
+    assert "onnxruntime" in result.stdout and "tensorrt" in result.stdout and "coremltools" in result.stdout
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--variant", "nextvit_tiny"], r"unknown variant 'nextvit_tiny'.*choose one of"),
+    (["--image-size", "16"], r"image size 16x16 is too small.*use at least 25x25"),
+    (["--image-size", "big"], r"--image-size 'big' is not a size: use 224 or HEIGHTxWIDTH"),
+    (["--batch", "0"], r"--batch must be at least 1"),
+    (["--batch", "8:2"], r"need min <= opt <= max"),
+    (["--target", "coreml", "--precision", "int8"], r"precision int8 is not supported for target coreml: choose one of fp32, fp16"),
+    (["--checkpoint", "/nonexistent/weights.pth"], r"checkpoint /nonexistent/weights.pth does not exist"),
+    (["--input-kind", "jpeg"], r"--input-kind must be 'tensor' or 'image'"),
+])
+def test_export_bad_arguments(tmp_path, args, pattern):
+    out = tmp_path / "out"
+    assert_user_error(run("export", "--out", str(out), *args), pattern, out)
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    assert_user_error(run("export", "--out", str(blocker / "sub")), r"output directory .* cannot be created")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage" * 100)
+    out = tmp_path / "out"
+    assert_user_error(run("export", "--checkpoint", str(bad), "--out", str(out)), r"is corrupt or not a PyTorch file", out)
+
+
+def test_unknown_layout_checkpoint(tmp_path):
+    ckpt = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, ckpt)
+    out = tmp_path / "out"
+    assert_user_error(run("export", "--checkpoint", str(ckpt), "--out", str(out)), r"unknown layout", out)
+
+
+def test_checkpoint_of_another_variant(tmp_path, s_checkpoint):
+    out = tmp_path / "out"
+    assert_user_error(run("export", "--variant", "b", "--checkpoint", str(s_checkpoint), "--out", str(out)),
+                      r"is a nextvit_small checkpoint but nextvit_base was requested: pass --variant small", out)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_with_pickle_payload_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Payload(marker)}, ckpt)
+    out = tmp_path / "out"
+    assert_user_error(run("export", "--checkpoint", str(ckpt), "--out", str(out)), r"was refused", out)
+    assert not marker.exists()
+
+
+def test_verify_without_manifest(tmp_path):
+    lone = tmp_path / "model.onnx"
+    lone.write_bytes(b"\x08\x07")
+    assert_user_error(run("verify", str(lone)), r"has no manifest .* export it with nextvit-deploy export")
+
+
+def test_verify_missing_artifact(tmp_path):
+    assert_user_error(run("verify", str(tmp_path / "none.onnx")), r"does not exist")
+
+
+def test_readme_flow_dynamic_batch_small_passes(tmp_path):
+    """Issue #2's bar: dynamic-batch Next-ViT-S ONNX verifies at batch 1 and 8 (max abs <= 1e-4, cos >= 0.999999)."""
+    out = tmp_path / "build"
+    result = run("export", "--target", "onnx", "--batch", "1:8", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    onnx_path = out / "nextvit_small-onnx-fp32-224.onnx"
+    assert onnx_path.is_file() and (out / (onnx_path.name + ".manifest.json")).is_file()
+    report_path = tmp_path / "parity.json"
+    result = run("verify", str(onnx_path), "--json", str(report_path))
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True
+    assert {c["batch"] for c in report["cases"]} == {1, 8}
+    assert report["worst"]["max_abs"] <= 1e-4 and report["worst"]["min_cosine"] >= 0.999999
+
+
+def test_verify_exit_code_1_on_parity_failure(tmp_path):
+    out = tmp_path / "b"
+    assert run("export", "--batch", "1", "--image-size", "64", "--out", str(out), "--seed", "1").exit_code == 0
+    onnx_path = out / "nextvit_small-onnx-fp32-64.onnx"
+    manifest = onnx_path.with_name(onnx_path.name + ".manifest.json")
+    m = json.loads(manifest.read_text())
+    m["seed"] = 2  # the reference now differs from what was exported
+    manifest.write_text(json.dumps(m))
+    result = run("verify", str(onnx_path))
+    assert result.exit_code == 1
+    assert "FAIL" in result.stdout and "smallest atol that would pass" in result.stdout

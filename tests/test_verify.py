@@ -1,0 +1,94 @@
+"""verify: the reference is rebuilt from the manifest alone; parity failures are reports, not exceptions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nextvit_deploy.artifact import Artifact, manifest_path, sha256_path
+from nextvit_deploy.errors import ArtifactError, CheckpointMismatch
+from nextvit_deploy.export import ExportRequest, export
+from nextvit_deploy.parity import TOLERANCES, Tolerance, compare_outputs
+from nextvit_deploy.verify import candidate_input, parity_cases, verify
+
+from conftest import SMALL_DEPTHS
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory) -> Artifact:
+    return export(ExportRequest(batch=(1, 3, 3), out_dir=tmp_path_factory.mktemp("v"), depths=SMALL_DEPTHS, seed=9))
+
+
+def test_verify_passes_at_batch_1_and_max(small_onnx):
+    report = verify(small_onnx.path)
+    assert report.passed and bool(report)
+    assert [c.case for c in report.cases] == ["photos x1", "noise x1", "photos x3", "noise x3"]
+    for case in report.cases:
+        (out,) = case.outputs
+        assert out.max_abs <= 1e-4 and out.cosine >= 0.999999 and out.top5_overlap is not None
+    d = report.to_dict()
+    assert d["passed"] is True and d["worst"]["max_abs"] <= 1e-4
+    json.dumps(d)  # serialisable for CI
+
+
+def test_wrong_reference_fails_with_the_tolerance_that_would_pass(small_onnx, tmp_path):
+    # Same file, manifest claiming another seed: the reference differs, so parity must fail.
+    copy = tmp_path / small_onnx.path.name
+    copy.write_bytes(small_onnx.path.read_bytes())
+    m = json.loads(manifest_path(small_onnx.path).read_text())
+    m["seed"] = 10
+    manifest_path(copy).write_text(json.dumps(m))
+    report = verify(copy, max_batch=1)
+    assert not report
+    assert report.worst()["required_atol"] > TOLERANCES["fp32"].atol
+
+
+def test_artifact_without_manifest_is_refused(small_onnx, tmp_path):
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(small_onnx.path.read_bytes())
+    with pytest.raises(ArtifactError, match="has no manifest"):
+        verify(lone)
+
+
+def test_modified_artifact_is_refused(small_onnx, tmp_path):
+    copy = tmp_path / small_onnx.path.name
+    copy.write_bytes(small_onnx.path.read_bytes() + b"\0")
+    manifest_path(copy).write_text(manifest_path(small_onnx.path).read_text())
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        verify(copy)
+
+
+def test_changed_checkpoint_is_refused(tmp_path, small_onnx):
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"original")
+    art = small_onnx.replace(path=tmp_path / small_onnx.path.name, checkpoint=str(ckpt),
+                             checkpoint_sha256=sha256_path(ckpt), seed=None)
+    art.path.write_bytes(small_onnx.path.read_bytes())
+    art.save_manifest()
+    ckpt.write_bytes(b"changed")
+    with pytest.raises(CheckpointMismatch, match="changed since"):
+        verify(art.path)
+
+
+def test_parity_cases_and_image_input(small_onnx):
+    cases = parity_cases(small_onnx)
+    assert [c[1].shape[0] for c in cases] == [1, 1, 3, 3]
+    assert all(0.0 <= c[1].min() and c[1].max() <= 1.0 for c in cases)
+    img = small_onnx.replace(preprocessing={**small_onnx.preprocessing, "input_kind": "image"})
+    x = cases[0][1]
+    assert np.allclose(candidate_input(x, img), x * 255)
+    assert abs(float(candidate_input(x, small_onnx).mean())) < 3
+
+
+def test_compare_outputs_gates_on_cosine_and_max_abs():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 10)).astype(np.float32)
+    tol = Tolerance(atol=1e-3, rtol=0.0, min_cosine=0.9999)
+    assert compare_outputs({"y": ref}, {"y": ref + 1e-4}, tolerance=tol, case="c").passed
+    too_far = compare_outputs({"y": ref}, {"y": ref + 2e-3}, tolerance=tol, case="c")
+    assert not too_far.passed and abs(too_far.outputs[0].required_atol - 2e-3) < 1e-6
+    flipped = compare_outputs({"y": ref}, {"y": -ref}, tolerance=Tolerance(10.0, 0.0, 0.9), case="c")
+    assert not flipped.passed and flipped.outputs[0].cosine < 0
+    nan = compare_outputs({"y": ref}, {"y": ref * np.nan}, tolerance=tol, case="c")
+    assert not nan.passed
