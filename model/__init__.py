@@ -15,6 +15,8 @@ from .nextvit import (
     InputSizeError,
     NextViT,
     VariantCfg,
+    check_input_size,
+    min_input_size,
     resolve_variant,
     stage_resolutions,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "VARIANTS",
     "resolve_variant",
     "stage_resolutions",
+    "check_input_size",
+    "min_input_size",
     "InputSizeError",
     "CheckpointError",
     "LoadedCheckpoint",

@@ -28,6 +28,8 @@ __all__ = [
     "InputSizeError",
     "resolve_variant",
     "stage_resolutions",
+    "check_input_size",
+    "min_input_size",
 ]
 
 NORM_EPS = 1e-5
@@ -412,6 +414,39 @@ def stage_resolutions(height: int, width: int) -> list[tuple[int, int]]:
     return sizes
 
 
+def _fits(height: int, width: int, sr_ratios: Sequence[int]) -> Optional[tuple[int, int, int, int]]:
+    """None when the size fits, else (stage, h, w, pooled tokens) of the first stage that does not."""
+    sizes = stage_resolutions(height, width)
+    for stage_idx, sr in enumerate(sr_ratios):
+        h, w = sizes[stage_idx]
+        # Stage 0 holds only convolution blocks; stages 1-3 end with a transformer block whose spatial
+        # reduction average-pools sr**2 tokens, so it needs at least that many.
+        if stage_idx > 0 and sr > 1 and h * w < sr * sr:
+            return stage_idx, h, w, sr * sr
+    return None
+
+
+def min_input_size(sr_ratios: Sequence[int] = (8, 4, 2, 1)) -> int:
+    """Smallest square input side Next-ViT can process (25 with the published reduction ratios)."""
+    side = 1
+    while _fits(side, side, sr_ratios) is not None:
+        side += 1
+    return side
+
+
+def check_input_size(height: int, width: int, sr_ratios: Sequence[int] = (8, 4, 2, 1)) -> None:
+    """Raise :class:`InputSizeError` when a ``height x width`` image cannot be processed."""
+    if height < 1 or width < 1:
+        raise InputSizeError(f"image size {height}x{width} is empty")
+    bad = _fits(height, width, sr_ratios)
+    if bad is not None:
+        stage, h, w, pooled = bad
+        need = min_input_size(sr_ratios)
+        raise InputSizeError(
+            f"image size {height}x{width} is too small: stage {stage} has {h}x{w}={h * w} tokens "
+            f"but its spatial reduction pools {pooled}; use at least {need}x{need}")
+
+
 class NextViT(nn.Module):
     """Next-ViT classifier or multi-scale backbone.
 
@@ -495,26 +530,11 @@ class NextViT(nn.Module):
     # ---- input validation --------------------------------------------------------------------------
     def check_input_size(self, height: int, width: int) -> None:
         """Raise :class:`InputSizeError` when a ``height x width`` image cannot be processed."""
-        if height < 1 or width < 1:
-            raise InputSizeError(f"image size {height}x{width} is empty")
-        sizes = stage_resolutions(height, width)
-        for stage_idx, sr in enumerate(self.sr_ratios):
-            h, w = sizes[stage_idx]
-            # Stage 0 holds only convolution blocks; stages 1-3 end with a transformer block.
-            if stage_idx > 0 and sr > 1 and h * w < sr * sr:
-                need = self.min_input_size()
-                raise InputSizeError(
-                    f"image size {height}x{width} is too small: stage {stage_idx} has {h}x{w}={h * w} tokens "
-                    f"but its spatial reduction pools {sr * sr}; use at least {need}x{need}")
+        check_input_size(height, width, self.sr_ratios)
 
     def min_input_size(self) -> int:
         """Smallest square input side the architecture can process."""
-        side = 1
-        while True:
-            sizes = stage_resolutions(side, side)
-            if all(i == 0 or sr <= 1 or sizes[i][0] * sizes[i][1] >= sr * sr for i, sr in enumerate(self.sr_ratios)):
-                return side
-            side += 1
+        return min_input_size(self.sr_ratios)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():

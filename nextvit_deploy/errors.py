@@ -5,7 +5,8 @@ Parity failures are not exceptions: they are reports whose ``bool()`` is False.
 """
 from __future__ import annotations
 
-__all__ = ["DeployError", "BadInput", "MissingDependency", "CheckpointMismatch", "ArtifactError"]
+__all__ = ["DeployError", "BadInput", "MissingDependency", "CheckpointMismatch", "ArtifactError",
+           "EngineNotBuilt"]
 
 
 class DeployError(Exception):
@@ -26,3 +27,17 @@ class ArtifactError(BadInput):
 
 class MissingDependency(DeployError):
     """An optional package (tensorrt, coremltools, timm, ...) is needed but not installed."""
+
+
+class EngineNotBuilt(MissingDependency):
+    """``export --target trt`` wrote the TensorRT-ready ONNX (``.artifact``) but could not build the engine.
+
+    Attributes:
+        artifact: the written ONNX :class:`~nextvit_deploy.artifact.Artifact` (manifest saved).
+        trtexec: the equivalent ``trtexec`` command that builds the engine on a machine with TensorRT.
+    """
+
+    def __init__(self, message: str, *, artifact: object = None, trtexec: str = "") -> None:
+        super().__init__(message)
+        self.artifact = artifact
+        self.trtexec = trtexec

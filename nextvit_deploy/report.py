@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from .artifact import Artifact, atomic_write_text
@@ -28,10 +29,14 @@ def parity_table(report: ParityReport) -> Table:
         for o in case.outputs:
             table.add_row(case.case, o.name, _fmt(o.max_abs), _fmt(o.mean_abs), _fmt(o.max_rel),
                           f"{o.cosine:.7f}", _fmt(o.top1_agree, ".2f"), _fmt(o.top5_overlap, ".1f"),
-                          _fmt(o.required_atol), "[green]pass[/]" if o.passed else "[red]FAIL[/]")
+                          _fmt(o.required_atol),
+                          ("[green]pass[/]" if o.passed else "[red]FAIL[/]") if case.gated
+                          else ("info" if o.passed else "[yellow]info: over[/]"))
     table.caption = (f"gate: max abs <= {tol.atol:g} + {tol.rtol:g} x max|ref|, cosine >= {tol.min_cosine}"
                      + (f", top-5 overlap >= {tol.min_top5:g}" if tol.min_top5 is not None else "")
-                     + f"  [{tol.source}]")
+                     + ("" if set(tol.gated_cases) >= {"photos", "noise"}
+                        else f"; gated cases: {', '.join(tol.gated_cases)} (others are reported only)")
+                     + f"  [{escape(tol.source)}]")
     return table
 
 

@@ -40,7 +40,8 @@ def parity_cases(artifact: Artifact, *, max_batch: Optional[int] = None) -> list
     for b in batches:
         cases.append((f"photos x{b}", photos(b, artifact.image_size, crop_pct=crop)))
         cases.append((f"noise x{b}", noise_images(b, artifact.image_size, seed=b)))
-    return cases
+    # 8-bit pixels, as a camera or an image input (Core ML) delivers them: both sides then see the same values.
+    return [(name, np.rint(images * 255.0).astype(np.float32) / 255.0) for name, images in cases]
 
 
 def verify_artifact(artifact: Artifact, *, tolerance: Optional[Tolerance] = None, max_batch: Optional[int] = None,

@@ -2,6 +2,7 @@
 ``TARGETS`` and returns the :class:`~nextvit_deploy.artifact.Artifact` it wrote."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -88,22 +89,14 @@ def parse_image_size(text: str | int) -> tuple[int, int]:
 
 def validate_request(req: ExportRequest) -> None:
     """Check everything that can be checked before work starts (one-line errors naming the fix)."""
-    from nextvit_model import NextViT, resolve_variant
+    from nextvit_model import InputSizeError, check_input_size, resolve_variant
 
     check_precision(req.target, req.precision)
-    try:
-        cfg = resolve_variant(req.variant)
-    except KeyError as exc:
-        raise BadInput(exc.args[0]) from None
-    if req.variant != cfg.name:
-        raise BadInput(f"internal: variant {req.variant!r} must be canonical ({cfg.name})")
+    cfg = resolve_variant(req.variant)
     if min(req.batch) <= 0:
         raise BadInput(f"--batch must be at least 1, got {req.batch}")
-    h, w = req.image_size
-    from nextvit_model import InputSizeError
-
     try:
-        NextViT.check_input_size(_size_probe(cfg.sr_ratios), h, w)
+        check_input_size(*req.image_size, cfg.sr_ratios)
     except InputSizeError as exc:
         raise BadInput(f"{exc} (pass --image-size)") from None
     if req.checkpoint is not None:
@@ -129,22 +122,16 @@ def _check_checkpoint(path: Path, variant: str) -> None:
                                  f"pass --variant {short}")
 
 
-class _size_probe:
-    """Just enough of a NextViT for ``check_input_size`` without building the network."""
-
-    def __init__(self, sr_ratios: tuple[int, ...]):
-        self.sr_ratios = sr_ratios
-
-    def min_input_size(self) -> int:
-        from nextvit_model import NextViT
-
-        return NextViT.min_input_size(self)
-
-
 def export(req: ExportRequest, *, progress: Optional[Progress] = None) -> Artifact:
     """Validate ``req`` and run the target's exporter. Returns the written artifact."""
     from ..targets import get_target
 
+    from nextvit_model import resolve_variant
+
+    try:
+        req = dataclasses.replace(req, variant=resolve_variant(req.variant).name)  # aliases -> canonical name
+    except KeyError as exc:
+        raise BadInput(exc.args[0]) from None
     validate_request(req)
     exporter = load_object(get_target(req.target).exporter)
     return exporter(req, progress=progress or (lambda _msg: None))

@@ -1,0 +1,160 @@
+"""``nextvit-deploy bench``: the paper's latency table on this machine, as ratios beside the published ones.
+
+Exit 0 when every requested row was measured, 1 when some failed (listed), 2 on a user error.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rich.markup import escape
+
+from ._common import err, handle_errors, out
+
+__all__ = ["bench", "EXAMPLES"]
+
+EXAMPLES = """Examples:
+
+  nextvit-deploy bench --batch 8                       # default subset, every backend present, ~5 min on 2 cores
+
+  nextvit-deploy bench --models nextvit_small,resnet101 --backends onnxruntime --duration 2
+
+  nextvit-deploy bench --task det --models nextvit_small,resnet101 --out results/det   # backbone at 512x512
+
+  nextvit-deploy bench --full --out results/full       # every published row timm can build
+"""
+
+
+def _split(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    if text is None:
+        return None
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+class _RichProgress:
+    """BenchProgress drawn as a rich progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._task = None
+        self._last = ""
+
+    def __enter__(self) -> "_RichProgress":
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=True)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def start(self, total: int) -> None:
+        if self._bar is not None:
+            self._task = self._bar.add_task("bench", total=total)
+
+    def step(self, description: str, advance: int = 0) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, description=description, advance=advance)
+        elif advance and description != self._last:
+            err.print(f"[dim]- {escape(description)}[/]", highlight=False)
+            self._last = description
+
+    def note(self, message: str) -> None:
+        err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+
+
+def _table(report) -> "object":
+    from rich.table import Table
+
+    def f(v, spec=".2f"):
+        return "–" if v is None else format(v, spec)
+
+    def flag(v):
+        return {"flip": "[bold red]flip[/]", "flip~": "[yellow]flip~[/]", "": "same"}.get(v, "–") if v is not None \
+            else "–"
+
+    cfg = report.config
+    h, w = cfg.size
+    t = Table(title=f"latency per batch of {cfg.batch}, {cfg.precision}, {h}x{w} ({cfg.task})", show_lines=False)
+    t.add_column("model", no_wrap=True)
+    t.add_column("backend", no_wrap=True)
+    for col, just in (("median ms", "right"), ("p90", "right"),
+                      ("p99", "right"), ("img/s", "right"), ("GMACs", "right"), ("GF/s", "right"),
+                      ("% peak", "right"), ("paper TRT ms", "right"), ("×R101", "right"), ("paper ×R101", "right"),
+                      ("", "left"), ("×NV-S", "right"), ("paper ×NV-S", "right"), (" ", "left")):
+        t.add_column(col, justify=just)
+    for r in report.rows:
+        s = r.latency.stats
+        t.add_row(r.display, r.backend, f(s.median_ms, ".1f"), f(s.p90_ms, ".1f"), f(s.p99_ms, ".1f"),
+                  f(r.throughput_ips, ".2f"), f(r.gmacs), f(r.achieved_gflops, ".1f"),
+                  "–" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%", f(r.paper_trt_ms, ".1f"),
+                  f(r.ratio_resnet101), f(r.paper_ratio_resnet101), flag(r.flag_resnet101),
+                  f(r.ratio_nextvit_s), f(r.paper_ratio_nextvit_s), flag(r.flag_nextvit_s))
+    return t
+
+
+@handle_errors
+def bench(
+    batch: Annotated[int, typer.Option("--batch", "-b", help="Images per call (the paper: 8).")] = 8,
+    models: Annotated[Optional[str], typer.Option(
+        "--models", help="Comma-separated timm names or paper names. Default: the task's subset.")] = None,
+    backends: Annotated[Optional[str], typer.Option(
+        "--backends", help="Comma-separated: torch, torch-cudagraph, onnxruntime, tensorrt, coreml. "
+                           "Default: every backend this machine has.")] = None,
+    precision: Annotated[str, typer.Option("--precision", "-p", help="fp32 or fp16.")] = "fp32",
+    image_size: Annotated[Optional[str], typer.Option(
+        "--image-size", "-s", help="224 or HEIGHTxWIDTH. Default: 224 (cls), 512 (det).")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Discarded runs per row.")] = 1,
+    iters: Annotated[int, typer.Option("--iters", help="Timed runs wanted per row.")] = 20,
+    duration: Annotated[float, typer.Option(
+        "--duration", help="Seconds after which a row may stop before --iters (at least 3 runs); "
+                           "0 = exactly --iters runs.")] = 5.0,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads. Default: all cores.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for bench.json/.csv/.md/.png.")] = Path("bench"),
+    full: Annotated[bool, typer.Option("--full", help="Every published row that timm can build.")] = False,
+    task: Annotated[str, typer.Option("--task", help="cls (classifier) or det (backbone, the det/seg rows).")] = "cls",
+    simplify: Annotated[Optional[bool], typer.Option(
+        "--simplify/--no-simplify", help="Run the ONNX simplifier. Default: only when TensorRT runs.")] = None,
+) -> None:
+    """Measure Next-ViT and the paper's baselines on every backend here; ratios beside the published ones."""
+    from ..bench import BenchConfig, write_outputs
+    from ..bench import bench as run_bench
+    from ..errors import BadInput
+    from ..export import parse_image_size
+
+    if duration < 0:
+        raise BadInput(f"--duration must be 0 or more seconds, got {duration}")
+    if task not in ("cls", "det"):
+        raise BadInput(f"unknown --task {task!r}: choose cls or det")
+    if full and models:
+        raise BadInput("--full and --models conflict: use --full for every published row, or --models for a list")
+    cfg = BenchConfig(models=_split(models), backends=_split(backends), batch=batch, precision=precision,
+                      image_size=parse_image_size(image_size) if image_size else None, warmup=warmup, iters=iters,
+                      duration_s=duration or None, threads=threads, task=task, full=full, simplify=simplify)
+    from ..artifact import check_writable_dir
+
+    check_writable_dir(out_dir)
+    with _RichProgress() as progress:
+        report = run_bench(cfg, progress=progress)
+    out.print(_table(report))
+    for b in report.backends:
+        if not b.available:
+            out.print(f"skipped {b.name}: {escape(b.reason)}", highlight=False)
+    for p in report.peaks:
+        out.print(f"MatMul peak {p.backend}: {p.gflops:.1f} GFLOP/s ({p.n}x{p.n} {p.precision}, {p.device})",
+                  highlight=False)
+    for f in report.failures:
+        out.print(f"[red]failed[/] {f['model']} on {f['backend']}: {escape(f['error'])}", highlight=False)
+    for w in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    paths = write_outputs(report, out_dir)
+    out.print(f"measured on {report.labels['cpu']} ({report.labels['threads']} threads) in {report.wall_s:.0f} s; "
+              f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
+    raise typer.Exit(0 if report else 1)

@@ -1,0 +1,364 @@
+"""Core ML export: the deploy form traced with ``torch.jit.trace`` and converted to an ML Program
+(``.mlpackage``) by coremltools. Conversion runs on any OS; running the package needs macOS (or the
+MIL evaluator in ``backends/coreml_mil.py`` for parity on Linux).
+
+Input kinds:
+
+* ``"image"`` (what an iOS/macOS developer expects in Xcode, and what Vision's ``VNCoreMLRequest``
+  feeds): an RGB image input whose pixels arrive as 0..255. Core ML's image preprocessing has a single
+  scale and a per-channel bias, so ImageNet's per-channel *std* cannot live there. The exact
+  normalisation ``(pixel / 255 - mean) / std`` is therefore baked into the traced model
+  (:class:`CoreMLWrapper`), and the image input is declared with ``scale=1, bias=0``: the program
+  receives the raw 0..255 pixels and normalises them itself, per channel, exactly.
+* ``"tensor"``: a float32 multi-array input that expects already-normalised NCHW data (the same
+  contract as the ONNX artifacts).
+
+Inputs and outputs are float32 at the model's interface in both precisions (an fp16 program casts at
+its boundaries), the batch is fixed at export time, and outputs are named ``logits`` or
+``feat_s4..feat_s32`` like every other artifact. With a class-labels file the classifier becomes a Core
+ML classifier (``classLabel`` plus a score dictionary ``classLabel_probs``); the scores are the model's
+logits (no softmax is added, so parity is checked on the same numbers), and the manifest records the
+name mapping.
+
+Workaround for coremltools 9.0 with torch 2.14 / numpy 2.4: a traced ``reshape(b, c, h * w)`` leaves
+``aten::size -> prim::NumToTensor -> aten::mul -> aten::Int`` in the TorchScript graph, and
+coremltools' ``int`` converter calls ``int()`` on a one-element array, which numpy >= 2.3 rejects
+("only 0-dimensional arrays can be converted to Python scalars"). Since the exported shape is static,
+:func:`freeze_traced_shapes` replaces every ``aten::size`` of the traced graph with its traced constant
+and constant-folds the arithmetic away before conversion, so no ``int`` op reaches the converter.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from .._deps import require
+from ..artifact import Artifact, atomic_path, tool_versions
+from ..errors import BadInput, DeployError
+from ..fuse import fuse_model
+from ..reference import build_model
+from . import ExportRequest
+from .onnx import base_artifact, output_names_for, preprocessing_for
+
+__all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "parse_deployment_target", "read_class_labels",
+           "import_coremltools", "export_coreml", "INPUT_KINDS", "CLASSIFIER_LABEL_OUTPUT",
+           "CLASSIFIER_SCORES_OUTPUT"]
+
+INPUT_KINDS = ("tensor", "image")
+CLASSIFIER_LABEL_OUTPUT = "classLabel"
+CLASSIFIER_SCORES_OUTPUT = "classLabel_probs"  # coremltools names the score dictionary <label output>_probs
+AUTHOR = "nextvit-deploy"
+
+
+def import_coremltools(purpose: str = "Core ML export"):
+    """Import coremltools quietly (its import logs warnings about macOS-only parts on Linux)."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return require("coremltools", purpose=purpose)
+
+
+@contextlib.contextmanager
+def _quiet_conversion() -> Iterator[None]:
+    """Keep coremltools' progress bars (tqdm, on stderr) and its torch-version warning off the console
+    during a conversion; exceptions still propagate unchanged."""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+class CoreMLWrapper(nn.Module):
+    """What gets traced: optional exact ImageNet normalisation, then the deploy-form model.
+
+    Args:
+        model: the fused Next-ViT (classifier or backbone).
+        image_input: the input carries RGB pixels in 0..255; normalise them inside the model as
+            ``pixel * (1 / (255 * std)) + (-mean / std)``, which equals ``(pixel / 255 - mean) / std``.
+        mean: per-channel mean in [0, 1] units. Defaults to none (required with ``image_input``).
+        std: per-channel std in [0, 1] units. Defaults to none (required with ``image_input``).
+
+    Backbone outputs (a list) are returned as a tuple so tracing names four outputs.
+    """
+
+    def __init__(self, model: nn.Module, *, image_input: bool, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None):
+        super().__init__()
+        self.model = model
+        self.image_input = image_input
+        if image_input:
+            if mean is None or std is None:
+                raise ValueError("image_input needs mean and std")
+            m = torch.tensor(mean, dtype=torch.float64)
+            s = torch.tensor(std, dtype=torch.float64)
+            self.register_buffer("scale", (1.0 / (255.0 * s)).float().reshape(1, -1, 1, 1))
+            self.register_buffer("shift", (-m / s).float().reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor):
+        if self.image_input:
+            x = x * self.scale + self.shift
+        out = self.model(x)
+        return tuple(out) if isinstance(out, (list, tuple)) else out
+
+
+@torch.no_grad()
+def freeze_traced_shapes(traced: torch.jit.ScriptModule) -> int:
+    """Replace every ``aten::size`` in a traced module's (inlined) graph by the size seen while tracing.
+
+    Only valid for static shapes (the Core ML export fixes batch and image size). Returns how many
+    size queries were replaced. See the module docstring for why (coremltools' ``int`` converter).
+    """
+    graph = traced.graph
+    torch._C._jit_pass_inline(graph)
+    replaced = 0
+    for node in list(graph.findAllNodes("aten::size")):
+        ttype = node.inputsAt(0).type()
+        sizes = ttype.sizes() if isinstance(ttype, torch._C.TensorType) else None
+        args = list(node.inputs())
+        dim = args[1].toIValue() if len(args) > 1 else None
+        if sizes is None or dim is None or sizes[dim] is None:
+            continue  # leave it: the converter will say what it cannot handle
+        with graph.insert_point_guard(node):
+            const = graph.insertConstant(int(sizes[dim]))
+        node.output().replaceAllUsesWith(const)
+        node.destroy()
+        replaced += 1
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
+    return replaced
+
+
+def conversion_pipeline(ct):
+    """coremltools' default pass pipeline minus ``fuse_elementwise_to_batchnorm``.
+
+    That pass rewrites a per-channel ``x * gamma + beta`` (our image normalisation and the backbone's
+    folded output norms) into ``batch_norm(mean=0, variance=1, epsilon=1e-5)``, which computes
+    ``x * gamma / sqrt(1 + 1e-5) + beta``: every value shrinks by 5e-6 relative, enough to move
+    Next-ViT-S feature maps by ~3e-4 and fail the fp32 gate (max abs 1e-4). Without it the program
+    keeps the exact ``mul`` + ``add``.
+    """
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(["common::fuse_elementwise_to_batchnorm"])
+    return pipeline
+
+
+def parse_deployment_target(name: str):
+    """``"iOS16"`` / ``"macos13"`` -> ``ct.target`` member; ML Programs need iOS 15 / macOS 12 or newer."""
+    ct = import_coremltools()
+    members = {k.lower(): v for k, v in ct.target.__members__.items()}
+    key = str(name).strip().lower().replace(" ", "").replace("_", "")
+    target = members.get(key)
+    ok = sorted(k for k, v in ct.target.__members__.items() if v >= ct.target.iOS15)
+    if target is None:
+        raise BadInput(f"unknown minimum deployment target {name!r}: choose one of {', '.join(ok)} "
+                       "with --min-deployment-target")
+    if target < ct.target.iOS15:
+        raise BadInput(f"minimum deployment target {name} is too old for an ML Program (needs iOS15/macOS12 "
+                       "or newer): pass --min-deployment-target iOS16")
+    return target
+
+
+def read_class_labels(path: str | Path, *, num_classes: int) -> list[str]:
+    """One label per line (blank lines at the end ignored); the count must equal the classifier width."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"class labels file {p} does not exist: pass a text file with one label per line")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise BadInput(f"class labels file {p} is not UTF-8 text: save it as UTF-8, one label per line") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels = [line.strip() for line in lines]
+    if len(labels) != num_classes:
+        raise BadInput(f"class labels file {p} has {len(labels)} labels but the classifier has {num_classes} "
+                       f"classes: give exactly {num_classes} lines")
+    empty = [i + 1 for i, lab in enumerate(labels) if not lab]
+    if empty:
+        raise BadInput(f"class labels file {p} has empty labels on line(s) {empty[:5]}: fill them in")
+    dupes = sorted({lab for lab in labels if labels.count(lab) > 1}) if len(set(labels)) != len(labels) else []
+    if dupes:
+        raise BadInput(f"class labels file {p} repeats labels {dupes[:3]}: Core ML needs unique labels")
+    return labels
+
+
+def _validate(req: ExportRequest) -> None:
+    if req.input_kind not in INPUT_KINDS:
+        raise BadInput(f"--input-kind {req.input_kind!r} is not supported: choose one of {', '.join(INPUT_KINDS)}")
+    if req.dynamic_batch:
+        raise BadInput(f"the coreml target exports a fixed batch, got the range {req.batch[0]}:{req.batch[2]}: "
+                       "pass a single --batch N")
+    if req.class_labels is not None and req.features_only:
+        raise BadInput("--class-labels needs a classifier, but --features-only exports a backbone: drop one of them")
+    if req.input_kind == "image" and req.batch[1] != 1:
+        raise BadInput(f"a Core ML image input takes one image at a time, got --batch {req.batch[1]}: "
+                       "pass --batch 1, or --input-kind tensor for batched input")
+    if req.class_labels is not None and req.batch[1] != 1:
+        raise BadInput(f"a Core ML classifier (--class-labels) takes one image at a time, got --batch {req.batch[1]}: "
+                       "pass --batch 1 or drop --class-labels")
+
+
+def _program_facts(package: Path) -> dict[str, Any]:
+    """Op histogram and interface of the saved package's ML Program (read back as coremltools would)."""
+    from ..backends.coreml_mil import load_program
+
+    prog = load_program(package)
+    func = prog.functions["main"]
+    ops: dict[str, int] = {}
+    for op in func.operations:
+        ops[op.op_type] = ops.get(op.op_type, 0) + 1
+    return {"op_counts": dict(sorted(ops.items())), "ops": sum(ops.values()),
+            "program_outputs": [v.name for v in func.outputs]}
+
+
+def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifact:
+    """``nextvit-deploy export --target coreml``: an ML Program package plus its manifest.
+
+    Args:
+        req: the request; uses ``precision`` (fp16|fp32 compute precision), ``image_size``, ``batch``
+            (fixed), ``input_kind`` (``"tensor"`` or ``"image"``), ``min_deployment_target`` (defaults to
+            ``"iOS16"``), ``class_labels`` (optional file, classifier only), ``features_only``,
+            ``checkpoint``/``seed``/``depths``.
+        progress: callback for step messages.
+
+    Returns:
+        The artifact (``<name>.mlpackage`` with ``<name>.mlpackage.manifest.json``, written last).
+
+    Raises:
+        BadInput: an option the coreml target cannot honour (the message names the fix).
+        MissingDependency: coremltools is not installed.
+    """
+    _validate(req)
+    ct = import_coremltools()
+    target = parse_deployment_target(req.min_deployment_target)
+    precision = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}.get(req.precision)
+    if precision is None:
+        raise BadInput(f"precision {req.precision} is not supported for target coreml: choose fp16 or fp32")
+
+    progress(f"building {req.variant} ({'checkpoint' if req.checkpoint else f'random weights, seed {req.seed}'})")
+    model = build_model(req.variant, checkpoint=req.checkpoint, seed=req.seed, features_only=req.features_only,
+                        depths=req.depths)
+    labels = None
+    if req.class_labels is not None:
+        labels = read_class_labels(req.class_labels, num_classes=model.head.fc.out_features)
+    progress("folding BatchNorms (deploy form)")
+    fused = fuse_model(model)
+    if fused.remaining:
+        raise DeployError(f"internal: {fused.remaining} BatchNorm layers survived fusion")
+    pre = preprocessing_for(req.variant, input_kind=req.input_kind)
+    image_input = req.input_kind == "image"
+    wrapper = CoreMLWrapper(fused.model, image_input=image_input, mean=pre["mean"], std=pre["std"]).eval()
+
+    h, w = req.image_size
+    shape = (req.batch[1], 3, h, w)
+    progress(f"tracing with torch.jit.trace at {'x'.join(map(str, shape))}")
+    example = torch.rand(shape) * 255.0 if image_input else torch.randn(shape)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    sizes_frozen = freeze_traced_shapes(traced)
+    with torch.no_grad():
+        want, got = wrapper(example), traced(example)
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    drift = max(float((a - b).abs().max() / a.abs().max().clamp_min(1.0)) for a, b in zip(want, got))
+    if drift > 1e-5:
+        raise DeployError(f"internal: the shape-frozen trace differs from the model by {drift:.2e}")
+
+    names = output_names_for(req.features_only)
+    if image_input:
+        ct_input = ct.ImageType(name="input", shape=shape, color_layout=ct.colorlayout.RGB, scale=1.0,
+                                bias=[0.0, 0.0, 0.0], channel_first=True)
+    else:
+        ct_input = ct.TensorType(name="input", shape=shape, dtype=np.float32)
+    classifier = None
+    outputs = [ct.TensorType(name=n, dtype=np.float32) for n in names]
+    if labels is not None:
+        classifier = ct.ClassifierConfig(labels, predicted_feature_name=CLASSIFIER_LABEL_OUTPUT,
+                                         predicted_probabilities_output=names[0])
+    progress(f"converting to an ML Program ({req.precision}, minimum target {target.name})")
+    started = time.perf_counter()
+    with _quiet_conversion():
+        mlmodel = ct.convert(traced, source="pytorch", inputs=[ct_input], outputs=outputs,
+                             classifier_config=classifier, convert_to="mlprogram", compute_precision=precision,
+                             minimum_deployment_target=target, skip_model_load=True,
+                             pass_pipeline=conversion_pipeline(ct))
+    convert_s = time.perf_counter() - started
+
+    versions = tool_versions("coremltools")
+    mlmodel.author = AUTHOR
+    kind = "classifier" if not req.features_only else "backbone (feat_s4..feat_s32)"
+    takes = ("RGB image input 0..255 (ImageNet normalisation inside)" if image_input
+             else "normalised float32 NCHW input")
+    mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {req.precision}, {h}x{w}, {takes}"
+    mlmodel.version = __version__
+    meta = mlmodel.user_defined_metadata
+    meta["nextvit.variant"] = req.variant
+    meta["nextvit.precision"] = req.precision
+    meta["nextvit.preprocessing"] = json.dumps(pre, sort_keys=True)
+    meta["nextvit.checkpoint_sha256"] = _checkpoint_sha(req) or "none (random weights, seed %d)" % req.seed
+    meta["nextvit.toolchain"] = json.dumps(versions, sort_keys=True)
+    meta["nextvit.features_only"] = str(bool(req.features_only)).lower()
+    mlmodel.input_description["input"] = (
+        f"RGB image {w}x{h}, pixels 0..255 (normalised inside with ImageNet mean/std)" if image_input
+        else f"float32 {'x'.join(map(str, shape))} NCHW, normalised: (pixel/255 - mean) / std, "
+             f"mean={pre['mean']}, std={pre['std']}")
+    if labels is not None:
+        mlmodel.output_description[CLASSIFIER_LABEL_OUTPUT] = "most likely class label"
+        mlmodel.output_description[CLASSIFIER_SCORES_OUTPUT] = "logit per class label (no softmax)"
+    else:
+        for n, red in zip(names, (4, 8, 16, 32)):
+            mlmodel.output_description[n] = ("class logits (no softmax)" if n == "logits"
+                                              else f"stage feature map, stride {red}")
+
+    final = req.output_path()
+    output_map = {names[0]: CLASSIFIER_SCORES_OUTPUT} if labels is not None else {n: n for n in names}
+    with atomic_path(final) as tmp:
+        progress(f"saving {final.name}")
+        # coremltools insists on the .mlpackage suffix: save into a staging folder, then move into place.
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.stem}-") as staging:
+            staged = Path(staging) / final.name
+            mlmodel.save(str(staged))
+            os.replace(staged, tmp)
+        facts = _program_facts(tmp)
+        details = {
+            "convert_to": "mlprogram",
+            "compute_precision": req.precision,
+            "minimum_deployment_target": target.name,
+            "input_kind": req.input_kind,
+            "coreml_input": "ImageType RGB scale=1 bias=0" if image_input else "TensorType float32",
+            "output_map": output_map,  # artifact output name -> Core ML output name
+            "class_labels": labels,
+            "fused_batchnorms": fused.folded,
+            "traced_sizes_frozen": sizes_frozen,
+            "converter": "torch.jit.trace + coremltools.convert",
+            "removed_passes": ["common::fuse_elementwise_to_batchnorm"],
+            "convert_seconds": round(convert_s, 1),
+            "metadata": {"author": AUTHOR, "version": __version__, "short_description": mlmodel.short_description},
+            **facts,
+        }
+        art = base_artifact(req, tmp, details=details, target="coreml", extra_versions=("coremltools",))
+    art = art.replace(path=final, opset=None)
+    art.save_manifest()
+    return art
+
+
+def _checkpoint_sha(req: ExportRequest) -> Optional[str]:
+    if req.checkpoint is None:
+        return None
+    from ..artifact import sha256_path
+
+    return sha256_path(req.checkpoint)
+

@@ -1,0 +1,230 @@
+"""Precision transforms of a deploy-form fp32 ONNX graph: FP16 (mixed precision) and INT8 (Q/DQ).
+
+Every precision decision lives in the ONNX graph, where ONNX Runtime on a CPU can execute and verify
+it; TensorRT then builds whatever the graph says. This module holds what both transforms share:
+
+* the calibration images (``--calib-dir`` capped by ``--calib-images``, else the scikit-image photos,
+  which the manifest records),
+* :func:`measure_activations`, which runs the fp32 graph on ONNX Runtime with every intermediate
+  tensor exposed as an output and returns per-tensor ranges,
+* :func:`apply_precision`, the entry point the ONNX and TensorRT exporters call.
+
+Conventions: ``"tensorrt"`` (FP16: mixed-precision graph; INT8: symmetric int8 Q/DQ on the inputs of
+Conv/Gemm/MatMul, see :mod:`.int8`) and ``"onnxruntime"`` (FP16: the same mixed-precision graph;
+INT8: the U8 activation / S8 weight QDQ graph ONNX Runtime accelerates on x86).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional, Sequence
+
+import numpy as np
+
+from .._deps import require
+from ..errors import BadInput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import ExportRequest
+
+__all__ = ["Convention", "TensorRange", "CalibrationSet", "calibration_set", "measure_activations",
+           "float_tensor_types", "apply_precision", "FP16_MAX", "FP16_MIN_NORMAL"]
+
+Convention = Literal["onnxruntime", "tensorrt"]
+FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0 ** -14  # 6.1e-5; smaller magnitudes lose precision (subnormals), < 2**-24 flush to 0
+SKIMAGE_CALIBRATION = 12  # distinct photos scikit-image ships
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """Measured range of one tensor over the calibration images.
+
+    Attributes:
+        absmax: largest |x| seen.
+        percentile: the ``q``-th percentile of |x| (``q`` given to :func:`measure_activations`), the
+            max over calibration batches; equals ``absmax`` when percentiles were not requested.
+        tiny_fraction: fraction of the non-zero values whose magnitude is below fp16's smallest normal
+            number (they would lose precision or flush to zero in fp16).
+    """
+
+    absmax: float
+    percentile: float
+    tiny_fraction: float
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Model inputs used to measure activation ranges, and where they came from (for the manifest)."""
+
+    feeds: np.ndarray  # float32 NCHW, already in the model's input convention
+    source: str  # "calib-dir /abs/path" or "skimage photos"
+    files: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "images": int(self.feeds.shape[0]),
+                "files": list(self.files[:8]) + (["..."] if len(self.files) > 8 else [])}
+
+
+def calibration_set(*, image_size: tuple[int, int], calib_dir: Optional[Path], calib_images: int,
+                    crop_pct: float, mean: Sequence[float], std: Sequence[float],
+                    input_kind: str = "tensor") -> CalibrationSet:
+    """Load the calibration images as model inputs.
+
+    Args:
+        image_size: (height, width) in pixels.
+        calib_dir: folder of jpg/png/bmp/webp images; ``None`` uses the scikit-image photos.
+        calib_images: cap on the number of images (sorted file order).
+        crop_pct, mean, std: the variant's preprocessing.
+        input_kind: ``"tensor"`` feeds normalised images, ``"image"`` RGB 0..255. Defaults to "tensor".
+
+    Raises:
+        BadInput: empty or missing folder, unreadable image, ``calib_images < 1``.
+    """
+    from ..data import load_image_dir, normalize, photos
+
+    if calib_images < 1:
+        raise BadInput(f"--calib-images must be at least 1, got {calib_images}")
+    if calib_dir is not None:
+        images, files = load_image_dir(calib_dir, image_size, limit=calib_images, crop_pct=crop_pct)
+        source, names = f"calib-dir {Path(calib_dir).resolve()}", tuple(f.name for f in files)
+    else:
+        n = min(calib_images, SKIMAGE_CALIBRATION)
+        images = photos(n, image_size, crop_pct=crop_pct)
+        source, names = f"skimage photos (no --calib-dir; {n} images)", ()
+    feeds = normalize(images, mean, std) if input_kind == "tensor" else (images * 255.0).astype(np.float32)
+    return CalibrationSet(feeds=feeds, source=source, files=names)
+
+
+def float_tensor_types(model) -> dict[str, int]:
+    """Element type (``onnx.TensorProto`` enum) of every typed tensor of ``model`` (after shape inference)."""
+    onnx = require("onnx")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types: dict[str, int] = {}
+    g = inferred.graph
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    for node in g.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[str]] = None,
+                        percentile: Optional[float] = None, batch: int = 4,
+                        threads: Optional[int] = None) -> dict[str, TensorRange]:
+    """Run the fp32 ``model`` on ONNX Runtime CPU with intermediate tensors exposed; return their ranges.
+
+    Args:
+        model: an ``onnx.ModelProto`` with a single float32 input.
+        feeds: float32 NCHW calibration inputs; run ``batch`` at a time.
+        tensors: names to measure. Defaults to every float32 tensor produced by a node.
+        percentile: also compute this percentile of |x| (e.g. 99.99). Defaults to none (absmax only).
+        batch: images per ONNX Runtime run (memory: every intermediate of the batch is held at once).
+        threads: intra-op threads. Defaults to ONNX Runtime's choice.
+
+    Returns:
+        tensor name -> :class:`TensorRange`.
+    """
+    onnx = require("onnx")
+    ort = require("onnxruntime", purpose="calibration")
+    types = float_tensor_types(model)
+    produced = [o for n in model.graph.node for o in n.output if o]
+    wanted = [t for t in produced if types.get(t) == onnx.TensorProto.FLOAT] if tensors is None else list(tensors)
+    wanted = list(dict.fromkeys(wanted))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    input_name = sess.get_inputs()[0].name
+    absmax = dict.fromkeys(wanted, 0.0)
+    pct = dict.fromkeys(wanted, 0.0)
+    tiny = dict.fromkeys(wanted, 0)
+    nonzero = dict.fromkeys(wanted, 0)
+    for start in range(0, feeds.shape[0], batch):
+        outs = sess.run(wanted, {input_name: np.ascontiguousarray(feeds[start:start + batch], dtype=np.float32)})
+        for name, arr in zip(wanted, outs):
+            a = np.abs(arr.astype(np.float32, copy=False)).ravel()
+            if a.size == 0:
+                continue
+            absmax[name] = max(absmax[name], float(a.max()))
+            nz = a[a > 0]
+            nonzero[name] += nz.size
+            tiny[name] += int((nz < FP16_MIN_NORMAL).sum())
+            if percentile is not None:
+                k = min(a.size - 1, int(np.ceil(percentile / 100.0 * a.size)) - 1)
+                pct[name] = max(pct[name], float(np.partition(a, max(k, 0))[max(k, 0)]))
+    return {n: TensorRange(absmax=absmax[n], percentile=pct[n] if percentile is not None else absmax[n],
+                           tiny_fraction=tiny[n] / nonzero[n] if nonzero[n] else 0.0) for n in wanted}
+
+
+def apply_precision(src: Path, dst: Path, req: "ExportRequest", *, convention: Convention,
+                    progress: Callable[[str], None]) -> dict[str, Any]:
+    """Rewrite the fp32 ONNX at ``src`` into ``req.precision`` and save it at ``dst`` (may equal ``src``).
+
+    Calibration images come from ``req.calib_dir`` (at most ``req.calib_images``), else from the
+    scikit-image photos; both FP16 (to pick the nodes kept in FP32) and INT8 (to set scales) use them.
+
+    Args:
+        src: the deploy-form fp32 ONNX.
+        dst: where to write the transformed graph (not atomically: callers pass a temp path).
+        req: the export request (precision, image size, calibration options, input kind).
+        convention: ``"tensorrt"`` or ``"onnxruntime"`` (only INT8 differs, see the module docstring).
+        progress: callback for one-line progress messages.
+
+    Returns:
+        The manifest ``details`` of the transform: calibration source, the FP32-kept nodes and why
+        (FP16), the quantized tensors and scales summary (INT8), and the graph's operator counts.
+    """
+    onnx = require("onnx", purpose="precision transforms")
+    if req.precision == "fp32":
+        if Path(src) != Path(dst):
+            onnx.save(onnx.load(str(src)), str(dst))
+        return {"precision": "fp32", "transform": "none"}
+    if req.precision not in ("fp16", "int8"):
+        raise BadInput(f"precision {req.precision} has no graph transform: choose fp32, fp16 or int8")
+    if convention not in ("tensorrt", "onnxruntime"):
+        raise BadInput(f"unknown precision convention {convention!r}: use 'tensorrt' or 'onnxruntime'")
+    from nextvit_model import resolve_variant
+
+    cfg = resolve_variant(req.variant)
+    progress(f"loading calibration images ({req.calib_dir or 'scikit-image photos'})")
+    calib = calibration_set(image_size=req.image_size, calib_dir=req.calib_dir, calib_images=req.calib_images,
+                            crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, input_kind=req.input_kind)
+    model = onnx.load(str(src))
+    if req.precision == "fp16":
+        from .fp16 import to_mixed_fp16
+
+        result = to_mixed_fp16(model, calib.feeds, progress=progress)
+        for keep in result.kept_fp32:
+            progress(f"fp32 kept: {keep.node} ({keep.op_type}): {keep.reason}")
+        out_model, details = result.model, result.details()
+    else:
+        from .int8 import quantize_ort_x86, quantize_trt
+
+        if convention == "tensorrt":
+            result = quantize_trt(model, calib.feeds, progress=progress)
+        else:
+            result = quantize_ort_x86(model, calib.feeds, progress=progress)
+        out_model, details = result.model, result.details()
+    onnx.save(out_model, str(dst))
+    onnx.checker.check_model(str(dst))
+    details.update({"precision": req.precision, "convention": convention, "calibration": calib.describe()})
+    return details
+
+
+def range_dict(r: TensorRange) -> dict[str, float]:
+    return {k: float(f"{v:.6g}") for k, v in asdict(r).items()}

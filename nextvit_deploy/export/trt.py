@@ -1,0 +1,84 @@
+"""``nextvit-deploy export --target trt``: the TensorRT-ready ONNX, then (where TensorRT is installed) the engine.
+
+Steps: deploy-form fp32 ONNX -> precision transform in the graph (TensorRT convention, see
+:mod:`.precision`) -> static TensorRT-parser compatibility check (:mod:`nextvit_deploy.trt_compat`,
+always) -> ``<name>.onnx`` + manifest. With TensorRT and a GPU the engine follows
+(``<name>.engine`` + ``.build.json`` sidecar + manifest). Without TensorRT, :class:`EngineNotBuilt`
+is raised carrying the written ONNX artifact and the equivalent ``trtexec`` command; no engine is
+claimed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .._deps import INSTALL_HINTS, require
+from ..artifact import Artifact, atomic_path
+from ..errors import EngineNotBuilt, MissingDependency
+from . import ExportRequest
+
+__all__ = ["export_trt", "trtexec_for"]
+
+
+def trtexec_for(req: ExportRequest, onnx_path, engine_path) -> str:
+    from ..backends.tensorrt import trtexec_command
+
+    return trtexec_command(onnx_path, engine_path, precision=req.precision, batch=req.batch,
+                           image_size=req.image_size, workspace_gb=req.workspace_gb, timing_cache=req.timing_cache,
+                           builder_opt_level=req.builder_opt_level, dynamic_batch=req.dynamic_batch)
+
+
+def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifact:
+    """Write the TensorRT-ready ONNX and its manifest, then build the engine if TensorRT is present.
+
+    Returns:
+        The engine artifact.
+
+    Raises:
+        EngineNotBuilt: TensorRT (or a GPU) is missing; ``.artifact`` is the written ONNX artifact and
+            ``.trtexec`` the command that builds the engine elsewhere.
+        DeployError: the graph fails the TensorRT compatibility check (a bug; the message says which rule).
+    """
+    from ..trt_compat import require_trt_compat
+    from .onnx import base_artifact, export_fp32_onnx
+    from .precision import apply_precision
+
+    onnx_final = req.output_path(suffix=".onnx")
+    engine_final = req.output_path(suffix=".engine")
+    trtexec = trtexec_for(req, onnx_final, engine_final)
+    with atomic_path(onnx_final) as tmp:
+        details = export_fp32_onnx(req, tmp, progress=progress)
+        if req.precision != "fp32":
+            details["precision_transform"] = apply_precision(tmp, tmp, req, convention="tensorrt", progress=progress)
+        progress("checking the graph against TensorRT's ONNX parser rules")
+        compat = require_trt_compat(tmp)
+        progress(compat.summary())
+        details.update({"trt_compat": compat.to_dict(), "trtexec": trtexec, "engine": None,
+                        "role": "TensorRT-ready ONNX (precision in the graph)"})
+        onnx_art = base_artifact(req, tmp, details=details, target="trt")
+    onnx_art = onnx_art.replace(path=onnx_final)
+    onnx_art.save_manifest()
+    try:
+        require("tensorrt", purpose="building the TensorRT engine")
+    except MissingDependency:
+        raise EngineNotBuilt(
+            f"TensorRT is not installed, so no engine was built (the TensorRT-ready ONNX is {onnx_final}); "
+            f"install it with: {INSTALL_HINTS['tensorrt']}, or run the trtexec command above on a GPU machine",
+            artifact=onnx_art, trtexec=trtexec) from None
+    from ..backends.tensorrt import current_environment
+
+    try:
+        current_environment()
+    except MissingDependency as exc:
+        raise EngineNotBuilt(str(exc), artifact=onnx_art, trtexec=trtexec) from None
+    from ..backends.tensorrt import BuildOptions, build_engine
+
+    kept = [k["node"] for k in details.get("precision_transform", {}).get("fp32_kept", [])]
+    sidecar = build_engine(onnx_final, engine_final, BuildOptions(
+        precision=req.precision, batch=req.batch, image_size=req.image_size, workspace_gb=req.workspace_gb,
+        timing_cache=req.timing_cache, builder_opt_level=req.builder_opt_level, fp32_layers=tuple(kept),
+        rebuild_hint=trtexec), progress=progress)
+    engine_details = {"onnx": onnx_final.name, "engine": sidecar, "trtexec": trtexec,
+                      "precision_transform": details.get("precision_transform"), "trt_compat": compat.to_dict()}
+    engine_art = base_artifact(req, engine_final, details=engine_details, target="trt", extra_versions=("tensorrt",))
+    engine_art.save_manifest()
+    return engine_art
