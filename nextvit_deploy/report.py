@@ -69,9 +69,17 @@ def artifact_table(art: Artifact) -> Table:
                        ("nodes", "graph nodes"), ("simplifier", "simplifier")):
         if key in d:
             rows.append((label, d[key]))
-    for k, v in d.items():
-        if k.startswith("summary:"):
-            rows.append((k[len("summary:"):], v))
+    pt = d.get("precision_transform") or {}
+    if pt.get("transform"):
+        rows.append(("precision transform", pt["transform"]))
+    if "fp32_kept" in pt:
+        kept = [k.get("node", str(k)) if isinstance(k, dict) else str(k) for k in pt["fp32_kept"]]
+        shown = ", ".join(kept[:5]) + (f", ... ({len(kept)} in all, see the manifest)" if len(kept) > 5 else "")
+        rows.append(("nodes kept in fp32", shown or "none (measured activations fit fp16)"))
+    if pt.get("calibration"):
+        rows.append(("calibration", pt["calibration"].get("source", pt["calibration"])))
+    if isinstance(d.get("trt_compat"), dict):
+        rows.append(("TensorRT parser check", d["trt_compat"].get("summary", d["trt_compat"].get("passed"))))
     for field_name, value in rows:
         table.add_row(field_name, str(value))
     return table

@@ -1,16 +1,14 @@
 """Checkpoints of every published layout load by name with shapes checked; bad files fail clearly."""
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from nextvit_model import CheckpointError, create_model, read_checkpoint
 
-from conftest import photo_batch
+from conftest import PicklePayload, photo_batch
 
 
 def official_layout(state: dict, depths=(3, 4, 10, 3)) -> dict:
@@ -145,20 +143,10 @@ def test_unknown_layout(tmp_path):
         read_checkpoint(path)
 
 
-class _Payload:
-    """Unpickling this runs a shell command: a checkpoint must never execute it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_pickle_payload_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"model": {"stem.0.conv.weight": torch.zeros(1)}, "payload": _Payload(marker)}, path)
+    torch.save({"model": {"stem.0.conv.weight": torch.zeros(1)}, "payload": PicklePayload(marker)}, path)
     with pytest.raises(CheckpointError, match="was refused: it holds pickled objects other than tensors"):
         read_checkpoint(path)
     assert not marker.exists()

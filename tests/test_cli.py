@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from nextvit_deploy.cli import app
+
+from conftest import PicklePayload
 
 runner = CliRunner()
 
@@ -85,18 +86,10 @@ def test_checkpoint_of_another_variant(tmp_path, s_checkpoint):
                       r"is a nextvit_small checkpoint but nextvit_base was requested: pass --variant small", out)
 
 
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_checkpoint_with_pickle_payload_is_refused_without_running(tmp_path):
     marker = tmp_path / "ran"
     ckpt = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Payload(marker)}, ckpt)
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": PicklePayload(marker)}, ckpt)
     out = tmp_path / "out"
     assert_user_error(run("export", "--checkpoint", str(ckpt), "--out", str(out)), r"was refused", out)
     assert not marker.exists()

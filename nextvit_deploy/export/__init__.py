@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..artifact import Artifact, check_writable_dir
 from ..errors import BadInput
 from ..targets import artifact_name, check_precision, load_object
 
-__all__ = ["ExportRequest", "export", "parse_batch", "parse_image_size"]
+if TYPE_CHECKING:
+    from ..fuse import FuseResult
+
+__all__ = ["ExportRequest", "export", "build_deploy_model", "parse_batch", "parse_image_size"]
 
 # progress(message) callback: exporters report long steps through it (the CLI shows a spinner/bar).
 Progress = Callable[[str], None]
@@ -120,6 +123,22 @@ def _check_checkpoint(path: Path, variant: str) -> None:
         short = ckpt.variant.split("_")[1]
         raise CheckpointMismatch(f"checkpoint {path} is a {ckpt.variant} checkpoint but {variant} was requested: "
                                  f"pass --variant {short}")
+
+
+def build_deploy_model(req: ExportRequest, *, progress: Progress) -> "FuseResult":
+    """The model every exporter starts from: the request's weights, every BatchNorm folded (a copy)."""
+    from ..errors import DeployError
+    from ..fuse import fuse_model
+    from ..reference import build_model
+
+    progress(f"building {req.variant} ({'checkpoint' if req.checkpoint else f'random weights, seed {req.seed}'})")
+    model = build_model(req.variant, checkpoint=req.checkpoint, seed=req.seed, features_only=req.features_only,
+                        depths=req.depths)
+    progress("folding BatchNorms (deploy form)")
+    fused = fuse_model(model)
+    if fused.remaining:
+        raise DeployError(f"internal: {fused.remaining} BatchNorm layers survived fusion")
+    return fused
 
 
 def export(req: ExportRequest, *, progress: Optional[Progress] = None) -> Artifact:

@@ -48,9 +48,7 @@ from .. import __version__
 from .._deps import require
 from ..artifact import Artifact, atomic_path, tool_versions
 from ..errors import BadInput, DeployError
-from ..fuse import fuse_model
-from ..reference import build_model
-from . import ExportRequest
+from . import ExportRequest, build_deploy_model
 from .onnx import base_artifact, output_names_for, preprocessing_for
 
 __all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "parse_deployment_target", "read_class_labels",
@@ -247,16 +245,10 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     if precision is None:
         raise BadInput(f"precision {req.precision} is not supported for target coreml: choose fp16 or fp32")
 
-    progress(f"building {req.variant} ({'checkpoint' if req.checkpoint else f'random weights, seed {req.seed}'})")
-    model = build_model(req.variant, checkpoint=req.checkpoint, seed=req.seed, features_only=req.features_only,
-                        depths=req.depths)
+    fused = build_deploy_model(req, progress=progress)
     labels = None
     if req.class_labels is not None:
-        labels = read_class_labels(req.class_labels, num_classes=model.head.fc.out_features)
-    progress("folding BatchNorms (deploy form)")
-    fused = fuse_model(model)
-    if fused.remaining:
-        raise DeployError(f"internal: {fused.remaining} BatchNorm layers survived fusion")
+        labels = read_class_labels(req.class_labels, num_classes=fused.model.head.fc.out_features)
     pre = preprocessing_for(req.variant, input_kind=req.input_kind)
     image_input = req.input_kind == "image"
     wrapper = CoreMLWrapper(fused.model, image_input=image_input, mean=pre["mean"], std=pre["std"]).eval()

@@ -90,7 +90,7 @@ def quantize_trt(model, calibration: np.ndarray, *, method: CalibrationMethod = 
         :class:`Int8Result` with the Q/DQ model (weights stored as int8 + DequantizeLinear).
     """
     onnx = require("onnx")
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     say = progress or (lambda _m: None)
     m = onnx.ModelProto()

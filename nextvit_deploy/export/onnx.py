@@ -17,9 +17,7 @@ import torch
 from .._deps import available, require
 from ..artifact import Artifact, atomic_path, sha256_path, tool_versions
 from ..errors import DeployError
-from ..fuse import fuse_model
-from ..reference import build_model
-from . import ExportRequest
+from . import ExportRequest, build_deploy_model
 
 __all__ = ["STANDARD_DOMAINS", "to_onnx", "graph_facts", "simplify_onnx", "export_onnx", "export_fp32_onnx",
            "output_names_for", "preprocessing_for"]
@@ -130,13 +128,7 @@ def export_fp32_onnx(req: ExportRequest, path: Path, *, progress: Callable[[str]
     Returns the facts that go into the manifest's ``details``.
     """
     onnx = require("onnx", purpose="ONNX export")
-    progress(f"building {req.variant} ({'checkpoint' if req.checkpoint else f'random weights, seed {req.seed}'})")
-    model = build_model(req.variant, checkpoint=req.checkpoint, seed=req.seed, features_only=req.features_only,
-                        depths=req.depths)
-    progress("folding BatchNorms (deploy form)")
-    fused = fuse_model(model)
-    if fused.remaining:
-        raise DeployError(f"internal: {fused.remaining} BatchNorm layers survived fusion")
+    fused = build_deploy_model(req, progress=progress)
     names = output_names_for(req.features_only)
     progress(f"tracing to ONNX (opset {req.opset})")
     to_onnx(fused.model, path, image_size=req.image_size, batch=req.batch[1], dynamic_batch=req.dynamic_batch,
