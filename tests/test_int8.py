@@ -141,3 +141,28 @@ def test_nextvit_s_int8_onnx_x86_export_verifies(tmp_path):
     art = Artifact.load(art.path)
     assert art.details["precision_transform"]["convention"] == "onnxruntime"
     _assert_photo_cases_pass(verify_artifact(art))
+
+
+@pytest.mark.parametrize("target", ["trt", "onnx"])
+def test_static_batch_calibrates_in_full_batches(tmp_path, target):
+    """A static batch that does not divide the calibration set (8 vs 12 photos) still calibrates and runs."""
+    from nextvit_deploy.errors import EngineNotBuilt
+
+    req = ExportRequest(target=target, precision="int8", batch=(8, 8, 8), image_size=(64, 64), out_dir=tmp_path,
+                        depths=(1, 1, 5, 1), calib_images=12)
+    try:
+        art = export(req)
+    except EngineNotBuilt as exc:  # no TensorRT here: the TensorRT-ready ONNX is what was written
+        art = exc.artifact
+    art = Artifact.load(art.path)
+    assert art.batch == (8, 8, 8) and not art.dynamic_batch
+    report = verify_artifact(art)
+    assert [c.batch for c in report.cases] == [8, 8]
+    if target == "trt":
+        _assert_photo_cases_pass(report)
+    else:
+        # ONNX Runtime's x86 convention (7-bit weights, uint8 activations) on this tiny 64x64 model: measured
+        # photo cosine 0.978, just under the 0.98 gate that Next-ViT-S passes; here the calibration mechanics
+        # are under test, so only a broken graph (cosine far below) fails.
+        photo = [c for c in report.cases if c.case.startswith("photos")]
+        assert photo and all(c.outputs[0].cosine >= 0.95 for c in photo)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import numpy as np
 
 from .._deps import require
-from .precision import measure_activations
+from .precision import feed_chunks, measure_activations, static_batch
 
 __all__ = ["QUANTIZED_OPS", "Int8Result", "weight_channel_axis", "quantize_trt", "quantize_ort_x86",
            "CalibrationMethod"]
@@ -219,8 +219,8 @@ def _input_ranges(model, calibration: np.ndarray, percentile: Optional[float]):
 class _Reader:
     """ONNX Runtime CalibrationDataReader over a float32 NCHW array, ``batch`` images at a time."""
 
-    def __init__(self, input_name: str, data: np.ndarray, batch: int = 1):
-        self._items = [{input_name: np.ascontiguousarray(data[i:i + batch])} for i in range(0, len(data), batch)]
+    def __init__(self, input_name: str, data: np.ndarray, batch: int = 1, static: Optional[int] = None):
+        self._items = [{input_name: chunk} for chunk in feed_chunks(data, batch, static=static)]
         self._it = iter(self._items)
 
     def get_next(self):
@@ -257,7 +257,7 @@ def quantize_ort_x86(model, calibration: np.ndarray, *, method: str = "Percentil
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(src))
         q.quantize_static(
-            str(src), str(dst), _Reader(model.graph.input[0].name, calibration),
+            str(src), str(dst), _Reader(model.graph.input[0].name, calibration, static=static_batch(model)),
             quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
             per_channel=True, reduce_range=reduce_range, calibrate_method=getattr(q.CalibrationMethod, method),
             op_types_to_quantize=list(op_types),

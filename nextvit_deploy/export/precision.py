@@ -115,6 +115,26 @@ def float_tensor_types(model) -> dict[str, int]:
     return types
 
 
+def static_batch(model) -> Optional[int]:
+    """The first input's batch size when the graph fixes it, else None (dynamic batch)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return int(dims[0].dim_value) if dims and dims[0].dim_value > 0 else None
+
+
+def feed_chunks(feeds: np.ndarray, batch: int, *, static: Optional[int] = None) -> list[np.ndarray]:
+    """Split ``feeds`` into runs of ``batch`` images; a static-batch graph gets exactly ``static`` images per
+    run, the last run topped up with images from the start of the set (maxima and percentiles barely move)."""
+    if static is None:
+        return [np.ascontiguousarray(feeds[i:i + batch], dtype=np.float32) for i in range(0, feeds.shape[0], batch)]
+    out = []
+    for start in range(0, feeds.shape[0], static):
+        chunk = feeds[start:start + static]
+        if chunk.shape[0] < static:
+            chunk = np.concatenate([chunk, feeds[np.arange(static - chunk.shape[0]) % feeds.shape[0]]])
+        out.append(np.ascontiguousarray(chunk, dtype=np.float32))
+    return out
+
+
 def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[str]] = None,
                         percentile: Optional[float] = None, batch: int = 4,
                         threads: Optional[int] = None) -> dict[str, TensorRange]:
@@ -154,8 +174,8 @@ def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[
     pct = dict.fromkeys(wanted, 0.0)
     tiny = dict.fromkeys(wanted, 0)
     nonzero = dict.fromkeys(wanted, 0)
-    for start in range(0, feeds.shape[0], batch):
-        outs = sess.run(wanted, {input_name: np.ascontiguousarray(feeds[start:start + batch], dtype=np.float32)})
+    for chunk in feed_chunks(feeds, batch, static=static_batch(model)):
+        outs = sess.run(wanted, {input_name: chunk})
         for name, arr in zip(wanted, outs):
             a = np.abs(arr.astype(np.float32, copy=False)).ravel()
             if a.size == 0:
