@@ -54,6 +54,7 @@ def test_doctor_reports_backends():
     (["--target", "coreml", "--precision", "int8"], r"precision int8 is not supported for target coreml: choose one of fp32, fp16"),
     (["--checkpoint", "/nonexistent/weights.pth"], r"checkpoint /nonexistent/weights.pth does not exist"),
     (["--input-kind", "jpeg"], r"--input-kind must be 'tensor' or 'image'"),
+    (["--precision", "int8", "--calib-images", "0"], r"--calib-images must be at least 1, got 0"),
 ])
 def test_export_bad_arguments(tmp_path, args, pattern):
     out = tmp_path / "out"

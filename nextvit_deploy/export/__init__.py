@@ -98,6 +98,8 @@ def validate_request(req: ExportRequest) -> None:
     cfg = resolve_variant(req.variant)
     if min(req.batch) <= 0:
         raise BadInput(f"--batch must be at least 1, got {req.batch}")
+    if req.calib_images < 1:
+        raise BadInput(f"--calib-images must be at least 1, got {req.calib_images}")
     try:
         check_input_size(*req.image_size, cfg.sr_ratios)
     except InputSizeError as exc:
