@@ -536,16 +536,24 @@ def _measure_tensorrt(onnx_path: Path, name: str, built: _Built, cfg: BenchConfi
 
 def _measure_coreml(built: _Built, cfg: BenchConfig, tmp: Path,
                     on_run: Callable[[int, float], None]) -> LatencyStats:
-    """Trace, convert to an ML Program and time ``MLModel.predict`` (macOS only)."""
+    """Trace, convert to an ML Program and time ``MLModel.predict`` (macOS only).
+
+    The conversion goes through the Core ML exporter's helpers, so the rows get the same workarounds
+    for coremltools 9 (static sizes frozen into the trace, the epsilon-adding pass removed).
+    """
     import torch
 
-    ct = require("coremltools", purpose="the Core ML rows")
+    from .export.coreml import conversion_pipeline, freeze_traced_shapes, import_coremltools
+
+    ct = import_coremltools(purpose="the Core ML rows")
     x = torch.randn(cfg.batch, 3, *cfg.size)
     with torch.no_grad():
-        traced = torch.jit.trace(built.module.eval(), x)
+        traced = torch.jit.trace(built.module.eval(), x, check_trace=False)
+    freeze_traced_shapes(traced)
     precision = ct.precision.FLOAT16 if cfg.precision == "fp16" else ct.precision.FLOAT32
     mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(x.shape))],
-                         convert_to="mlprogram", compute_precision=precision)
+                         convert_to="mlprogram", compute_precision=precision,
+                         pass_pipeline=conversion_pipeline(ct))
     feed = {"input": x.numpy()}
     return measure(lambda: mlmodel.predict(feed), warmup=cfg.warmup, iters=cfg.iters,
                    min_duration_s=cfg.duration_s, on_run=on_run)
