@@ -511,16 +511,38 @@ def _measure_ort(onnx_path: Path, cfg: BenchConfig, status: BackendStatus, threa
                        on_run=on_run)
 
 
+TRT_CALIBRATION_IMAGES = 16  # fp16 rows: images that measure activation ranges (the export default is 64)
+
+
+def trt_ready_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path) -> Path:
+    """The graph a TensorRT row builds, through the same precision transform as ``export --target trt``
+    (a strongly typed build takes its precision from the graph): fp32 as exported, fp16 the mixed-precision
+    graph calibrated on the bundled calibration photos."""
+    if precision == "fp32":
+        return onnx_path
+    import onnx
+
+    from .data import calibration_photos, normalize
+    from .export.precision import transform_graph
+
+    calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), (0.485, 0.456, 0.406),
+                      (0.229, 0.224, 0.225))
+    model, _ = transform_graph(onnx.load(str(onnx_path)), precision, calib, convention="tensorrt")
+    onnx.save(model, str(out))
+    return out
+
+
 def _measure_tensorrt(onnx_path: Path, name: str, built: _Built, cfg: BenchConfig, tmp: Path,
                       on_run: Callable[[int, float], None]) -> LatencyStats:
-    """Build an engine from the bench ONNX with ``nextvit_deploy.backends.tensorrt.build_engine`` and time
-    ``TrtRunner.infer`` (end to end, host copies included); its CUDA-event time per run
-    (``last_gpu_ms``) becomes the GPU columns. Not run on a machine without TensorRT."""
+    """Build an engine from the bench ONNX, transformed to ``cfg.precision`` like ``export --target trt``
+    does, with ``nextvit_deploy.backends.tensorrt.build_engine`` and time ``TrtRunner.infer`` (end to end,
+    host copies included); its CUDA-event time per run (``last_gpu_ms``) becomes the GPU columns. Not run
+    on a machine without TensorRT."""
     from .backends.tensorrt import BuildOptions, TrtRunner, build_engine
 
+    graph = trt_ready_onnx(onnx_path, cfg.precision, cfg, tmp / f"{name}-{cfg.precision}.onnx")
     engine = tmp / f"{name}-{cfg.precision}.engine"
-    build_engine(onnx_path, engine, BuildOptions(precision=cfg.precision, batch=(cfg.batch,) * 3,
-                                                 image_size=cfg.size))
+    build_engine(graph, engine, BuildOptions(precision=cfg.precision, batch=(cfg.batch,) * 3, image_size=cfg.size))
     feed = {"input": np.random.default_rng(0).standard_normal((cfg.batch, 3, *cfg.size), dtype=np.float32)}
     gpu: list[float] = []
     with TrtRunner(engine) as runner:

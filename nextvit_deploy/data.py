@@ -20,6 +20,7 @@ __all__ = [
     "SKIMAGE_PHOTOS",
     "IMAGE_SUFFIXES",
     "photos",
+    "calibration_photos",
     "noise_images",
     "preprocess_pil",
     "load_image_dir",
@@ -30,6 +31,14 @@ __all__ = [
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "colorwheel", "camera", "coins", "brick", "grass", "gravel")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Calibration photos, disjoint from SKIMAGE_PHOTOS (which `verify` gates on): scikit-learn's two sample
+# photos and the scikit-image photos that `verify` does not use ("cat" is "chelsea" again, so it is left out).
+CALIBRATION_SOURCES = ("sklearn:china.jpg", "sklearn:flower.jpg", "skimage:retina", "skimage:stereo_motorcycle:0",
+                       "skimage:stereo_motorcycle:1", "skimage:moon", "skimage:clock", "skimage:cell")
+# Crops (top, left, side as fractions of the shorter side) and mirroring: 8 views of each source photo.
+CALIBRATION_VIEWS = ((None, None, 1.0, False), (None, None, 1.0, True), (0.0, 0.0, 0.6, False),
+                     (0.0, 1.0, 0.6, True), (1.0, 0.0, 0.6, True), (1.0, 1.0, 0.6, False),
+                     (0.5, 0.5, 0.45, False), (0.5, 0.5, 0.45, True))
 
 
 def _to_size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -64,6 +73,52 @@ def photos(count: int, size: int | Sequence[int], *, crop_pct: float = 0.95, off
         if arr.dtype == bool:
             arr = arr.astype(np.uint8) * 255
         out.append(preprocess_pil(Image.fromarray(arr), size, crop_pct=crop_pct))
+    return np.stack(out)
+
+
+def _calibration_source(spec: str) -> np.ndarray:
+    """One calibration photo as an HxWx3 uint8 array (both libraries ship these files; nothing is downloaded)."""
+    kind, name, *index = spec.split(":")
+    if kind == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        arr = load_sample_image(name)
+    else:
+        import skimage.data
+
+        arr = getattr(skimage.data, name)()
+        if index:
+            arr = arr[int(index[0])]
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+
+
+def calibration_photos(count: int, size: int | Sequence[int], *, crop_pct: float = 0.95) -> np.ndarray:
+    """``count`` calibration images as float32 NCHW in [0, 1], none of them from :func:`photos`.
+
+    Views (whole photo, mirrored, corner and centre crops) of :data:`CALIBRATION_SOURCES`: 64 distinct
+    images, cycled beyond that. Calibrating on these and verifying on :func:`photos` keeps the INT8
+    parity check off the data it was tuned on.
+    """
+    from PIL import Image
+
+    sources: dict[str, np.ndarray] = {}
+    out = []
+    n_src = len(CALIBRATION_SOURCES)
+    for i in range(count):  # source-minor order: a small count still spans every source photo
+        spec = CALIBRATION_SOURCES[i % n_src]
+        top, left, side, mirror = CALIBRATION_VIEWS[(i // n_src) % len(CALIBRATION_VIEWS)]
+        arr = sources.setdefault(spec, _calibration_source(spec))
+        if top is not None:
+            h, w = arr.shape[:2]
+            k = max(16, int(min(h, w) * side))
+            y0, x0 = int((h - k) * top), int((w - k) * left)
+            arr = arr[y0:y0 + k, x0:x0 + k]
+        if mirror:
+            arr = arr[:, ::-1]
+        out.append(preprocess_pil(Image.fromarray(np.ascontiguousarray(arr)), size, crop_pct=crop_pct))
     return np.stack(out)
 
 

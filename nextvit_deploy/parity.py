@@ -67,6 +67,7 @@ class OutputDiff:
     top5_overlap: Optional[float]  # mean |top5(ref) & top5(cand)| over the batch (classifier outputs)
     required_atol: float  # the smallest atol (with this rtol) that would have passed
     passed: bool
+    failed_gates: tuple[str, ...] = ()  # "max_abs", "cosine", "top5", "finite": what made it fail
 
     def __bool__(self) -> bool:
         return self.passed
@@ -129,13 +130,20 @@ def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str,
             rk, ck = _topk(r64, 5), _topk(c64, 5)
             top5 = float(np.mean([len(set(a) & set(b)) for a, b in zip(rk, ck)]))
         required = max(0.0, max_abs - tolerance.rtol * ref_max)
-        ok = finite and max_abs <= tolerance.atol + tolerance.rtol * ref_max and cos >= tolerance.min_cosine
-        if tolerance.min_top5 is not None and top5 is not None:
-            ok = ok and top5 >= tolerance.min_top5
+        failed = []
+        if not finite:
+            failed.append("finite")
+        if not max_abs <= tolerance.atol + tolerance.rtol * ref_max:
+            failed.append("max_abs")
+        if not cos >= tolerance.min_cosine:
+            failed.append("cosine")
+        if tolerance.min_top5 is not None and top5 is not None and top5 < tolerance.min_top5:
+            failed.append("top5")
+        ok = not failed
         diffs.append(OutputDiff(name=name, shape=tuple(ref.shape), max_abs=max_abs,
                                 mean_abs=float(err.mean()) if finite else math.inf, max_rel=max_rel,
                                 ref_max_abs=ref_max, cosine=cos, top1_agree=top1, top5_overlap=top5,
-                                required_atol=required, passed=ok))
+                                required_atol=required, passed=ok, failed_gates=tuple(failed)))
     gated = any(case.startswith(prefix) for prefix in tolerance.gated_cases)
     return CaseResult(case=case, batch=batch, outputs=diffs, gated=gated)
 
@@ -162,13 +170,19 @@ class ParityReport:
     def __bool__(self) -> bool:
         return self.passed
 
-    def worst(self) -> dict[str, float]:
-        """Worst numbers over the gated cases."""
+    def worst(self) -> dict[str, Any]:
+        """Worst numbers over the gated cases: what the smallest passing tolerance would need on each gate
+        (``required_atol`` with the tolerance's rtol, ``required_min_cosine``, ``required_min_top5``) and
+        which gates failed."""
         outs = [o for c in self.cases if c.gated for o in c.outputs]
+        top5 = [o.top5_overlap for o in outs if o.top5_overlap is not None]
         return {
             "max_abs": max(o.max_abs for o in outs),
             "min_cosine": min(o.cosine for o in outs),
             "required_atol": max(o.required_atol for o in outs),
+            "required_min_cosine": min(o.cosine for o in outs),
+            "required_min_top5": min(top5) if top5 else None,
+            "failed_gates": sorted({g for o in outs for g in o.failed_gates}),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,8 +45,14 @@ def parity_summary(report: ParityReport) -> str:
         return "FAIL: no case was compared"
     w = report.worst()
     verdict = "PASS" if report else "FAIL"
-    return (f"{verdict}: worst max abs {w['max_abs']:.3e}, worst cosine {w['min_cosine']:.7f}; "
-            f"smallest atol that would pass: {w['required_atol']:.3e} (with rtol {report.tolerance.rtol:g})")
+    tol = report.tolerance
+    needed = [f"atol {w['required_atol']:.3e} (with rtol {tol.rtol:g})", f"cosine >= {w['required_min_cosine']:.7f}"]
+    if tol.min_top5 is not None and w["required_min_top5"] is not None:
+        needed.append(f"top-5 overlap >= {w['required_min_top5']:.1f}")
+    failed = f"; failed on {', '.join(w['failed_gates'])}" if w["failed_gates"] else ""
+    return (f"{verdict}: worst max abs {w['max_abs']:.3e}, worst cosine {w['min_cosine']:.7f}{failed}; "
+            f"smallest tolerance that would pass: {' and '.join(needed)} "
+            f"(gate: cosine >= {tol.min_cosine:g})")
 
 
 def artifact_table(art: Artifact) -> Table:

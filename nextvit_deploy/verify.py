@@ -19,7 +19,7 @@ from .parity import ParityReport, Tolerance, compare_outputs, tolerance_for
 from .reference import reference_model
 from .targets import get_target, load_object
 
-__all__ = ["verify", "verify_artifact", "candidate_input", "parity_cases"]
+__all__ = ["verify", "verify_artifact", "load_artifact", "candidate_input", "parity_cases"]
 
 Progress = Callable[[str], None]
 
@@ -71,6 +71,17 @@ def verify_artifact(artifact: Artifact, *, tolerance: Optional[Tolerance] = None
                         tolerance=tol, cases=results, notes=notes)
 
 
+def load_artifact(path: str | Path) -> Artifact:
+    """The artifact at ``path`` from its manifest; a TensorRT engine built with the printed ``trtexec``
+    command (no manifest of its own) is described by the manifest of the TensorRT-ready ONNX beside it."""
+    p = Path(path)
+    if p.suffix == ".engine":
+        from .backends.tensorrt import engine_artifact
+
+        return engine_artifact(p)
+    return Artifact.load(p)
+
+
 def verify(path: str | Path, **kwargs) -> ParityReport:
-    """Load the artifact at ``path`` (its manifest must sit next to it) and verify it."""
-    return verify_artifact(Artifact.load(path), **kwargs)
+    """Load the artifact at ``path`` (see :func:`load_artifact`) and verify it."""
+    return verify_artifact(load_artifact(path), **kwargs)

@@ -133,4 +133,4 @@ def test_verify_exit_code_1_on_parity_failure(tmp_path):
     manifest.write_text(json.dumps(m))
     result = run("verify", str(onnx_path))
     assert result.exit_code == 1
-    assert "FAIL" in result.stdout and "smallest atol that would pass" in result.stdout
+    assert "FAIL" in result.stdout and "smallest tolerance that would pass" in result.stdout

@@ -66,7 +66,7 @@ def test_small_fp16_onnx_export_verifies(tmp_path):
     art = Artifact.load(art.path)
     tr = art.details["precision_transform"]
     assert tr["convention"] == "onnxruntime" and "fp32_kept" in tr and tr["calibration"]["images"] == 4
-    assert "skimage" in tr["calibration"]["source"]
+    assert "bundled calibration photos" in tr["calibration"]["source"]
     m = onnx.load(str(art.path))
     assert sum(i.data_type == TensorProto.FLOAT16 for i in m.graph.initializer) > 10
     report = verify_artifact(art)

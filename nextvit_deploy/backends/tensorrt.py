@@ -1,39 +1,44 @@
 """TensorRT: build an engine from a TensorRT-ready ONNX, and run it (TensorRT 10.x and 11.x Python API).
 
-Kept thin on purpose: every precision decision is already in the ONNX graph (see
-``nextvit_deploy.export.precision``). The builder parses it with ``OnnxParser`` (all parser errors
+One build path for both major versions: the network is **strongly typed** (``STRONGLY_TYPED``, in
+TensorRT since 9.0; every network is strongly typed in 11), so the precision of every layer is the
+precision the ONNX graph carries (see :mod:`nextvit_deploy.export.precision`): no FP16/INT8 builder
+flag, no calibrator, no per-layer precision pinning. :func:`build_engine` therefore refuses a
+``precision`` the graph does not carry, and clears ``BuilderFlag.TF32`` for FP32 builds on every
+version (TensorRT 11 keeps the flag, on by default). It parses with ``OnnxParser`` (all parser errors
 reported), adds one optimization profile for the batch range, limits the workspace, loads/saves a
-timing cache and reports progress through ``IProgressMonitor``. Network typing:
-
-* TensorRT >= 11: every network is strongly typed (the graph's types are the precision).
-* TensorRT 10.x: strongly typed for Q/DQ (int8) graphs and fp32; for the fp16 graph the classic
-  weakly-typed path with ``BuilderFlag.FP16``, with the FP32-kept layers pinned to fp32
-  (``OBEY_PRECISION_CONSTRAINTS``).
+timing cache (a rejected one is replaced by a fresh cache, with a warning) and reports progress
+through ``IProgressMonitor``.
 
 An engine is tied to the TensorRT version and the GPU architecture it was built with, so it is saved
 (atomically) with a JSON sidecar ``<engine>.build.json`` and :func:`check_engine_environment` refuses
-to load it elsewhere, naming the rebuild command. That check is pure Python.
+to load it elsewhere, naming the rebuild command. An engine built with the printed ``trtexec``
+command has no sidecar: :func:`engine_artifact` identifies it by the manifest of the TensorRT-ready
+ONNX it came from, and the runner then relies on TensorRT's own deserialization check.
 
 Device memory, streams and CUDA events come from PyTorch's CUDA runtime (torch is a dependency
-already; pycuda has no wheels and needs the CUDA toolkit at install time).
+already; pycuda has no wheels and needs the CUDA toolkit at install time), on the device given as
+``cuda:N`` everywhere (build, deserialization, buffers, stream).
 """
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .._deps import require
-from ..artifact import atomic_path, atomic_write_text, sha256_path, utc_now
-from ..errors import ArtifactError, DeployError, MissingDependency
+from ..artifact import MANIFEST_SUFFIX, Artifact, atomic_path, atomic_write_text, manifest_path, sha256_path, utc_now
+from ..errors import ArtifactError, BadInput, DeployError, MissingDependency
 from .base import Runner, TensorSpec
 
 __all__ = ["SIDECAR_SUFFIX", "EngineMismatch", "EngineBuildError", "sidecar_path", "current_environment",
-           "check_engine_environment", "build_engine", "TrtRunner", "runner_for_artifact", "trt_major"]
+           "check_engine_environment", "graph_precision", "BuildOptions", "build_engine", "TrtRunner",
+           "runner_for_artifact", "engine_artifact", "trt_major", "trtexec_command", "cuda_index"]
 
 SIDECAR_SUFFIX = ".build.json"
 
@@ -56,16 +61,79 @@ def trt_major(version: str) -> int:
     return int(str(version).split(".")[0])
 
 
-def current_environment() -> dict[str, str]:
-    """TensorRT version and GPU of this machine: ``{"tensorrt_version", "gpu_name", "compute_capability"}``."""
+def cuda_index(device: str) -> int:
+    """``"cuda"`` / ``"cuda:N"`` -> N (0 for plain ``"cuda"``).
+
+    Raises:
+        BadInput: anything else.
+    """
+    text = str(device).strip().lower()
+    if text == "cuda":
+        return 0
+    head, _, idx = text.partition(":")
+    if head != "cuda" or not idx.isdigit():
+        raise BadInput(f"device {device!r} is not a CUDA device: use cuda or cuda:N (TensorRT runs on NVIDIA GPUs)")
+    return int(idx)
+
+
+class TorchCuda:
+    """The CUDA calls this module makes, through PyTorch (one seam, so device handling is testable)."""
+
+    def __init__(self) -> None:
+        self.torch = require("torch")
+
+    def device_count(self) -> int:
+        return int(self.torch.cuda.device_count()) if self.torch.cuda.is_available() else 0
+
+    def describe(self, index: int) -> tuple[str, str]:
+        major, minor = self.torch.cuda.get_device_capability(index)
+        return self.torch.cuda.get_device_name(index), f"{major}.{minor}"
+
+    @contextmanager
+    def on(self, index: int) -> Iterator[None]:
+        """Make ``index`` the current device (TensorRT builds and deserializes on the current device)."""
+        with self.torch.cuda.device(index):
+            yield
+
+    def stream(self, index: int):
+        return self.torch.cuda.Stream(device=index)
+
+    @contextmanager
+    def using(self, stream) -> Iterator[None]:
+        with self.torch.cuda.stream(stream):
+            yield
+
+    def upload(self, arr: np.ndarray, index: int):
+        return self.torch.from_numpy(np.ascontiguousarray(arr)).to(f"cuda:{index}", non_blocking=True)
+
+    def empty(self, shape: Sequence[int], dtype: np.dtype, index: int):
+        return self.torch.empty(tuple(shape), dtype=getattr(self.torch, np.dtype(dtype).name), device=f"cuda:{index}")
+
+    def event(self):
+        return self.torch.cuda.Event(enable_timing=True)
+
+    @staticmethod
+    def download(t) -> np.ndarray:
+        return t.float().cpu().numpy()
+
+
+def _cuda() -> TorchCuda:
+    return TorchCuda()
+
+
+def current_environment(device: str = "cuda:0", *, cuda: Optional[TorchCuda] = None) -> dict[str, str]:
+    """TensorRT version and GPU of ``device``: ``{"tensorrt_version", "gpu_name", "compute_capability", "device"}``."""
     trt = require("tensorrt", purpose="TensorRT engines")
-    torch = require("torch")
-    if not torch.cuda.is_available():
+    index = cuda_index(device)
+    cuda = cuda or _cuda()
+    count = cuda.device_count()
+    if count == 0:
         raise MissingDependency("TensorRT engines need an NVIDIA GPU with a CUDA driver, and torch sees none: "
                                 "run on a GPU machine (or verify the TensorRT-ready .onnx with ONNX Runtime)")
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(0),
-            "compute_capability": f"{major}.{minor}"}
+    if index >= count:
+        raise BadInput(f"device cuda:{index} does not exist: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    name, cc = cuda.describe(index)
+    return {"tensorrt_version": trt.__version__, "gpu_name": name, "compute_capability": cc, "device": f"cuda:{index}"}
 
 
 def check_engine_environment(sidecar: Mapping[str, Any], current: Mapping[str, str], *,
@@ -110,6 +178,27 @@ def read_sidecar(engine: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{p} is malformed ({exc}): rebuild the engine") from None
 
 
+def graph_precision(onnx_path: str | Path) -> dict[str, Any]:
+    """The precision an ONNX graph carries, read off its types (what a strongly typed build will be).
+
+    Returns:
+        ``{"precision": "int8" | "fp16" | "fp32", "qdq_nodes": n, "fp16_tensors": n}``: int8 when the
+        graph has Q/DQ nodes, else fp16 when any tensor or initializer is float16, else fp32.
+    """
+    onnx = require("onnx")
+    from onnx import TensorProto
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node)
+    half = sum(i.data_type == TensorProto.FLOAT16 for i in g.initializer)
+    half += sum(vi.type.tensor_type.elem_type == TensorProto.FLOAT16 for vi in (*g.value_info, *g.input, *g.output))
+    half += sum(1 for n in g.node if n.op_type == "Cast"
+                and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in n.attribute))
+    precision = "int8" if qdq else "fp16" if half else "fp32"
+    return {"precision": precision, "qdq_nodes": qdq, "fp16_tensors": half}
+
+
 def _progress_monitor(trt, say: Callable[[str], None]):
     """An ``IProgressMonitor`` that forwards phase starts to ``say`` (never cancels)."""
 
@@ -131,7 +220,10 @@ def _progress_monitor(trt, say: Callable[[str], None]):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """Builder settings (units in the names)."""
+    """Builder settings (units in the names).
+
+    ``precision`` is what the caller expects the graph to carry; the build refuses a mismatch.
+    """
 
     precision: str
     batch: tuple[int, int, int]
@@ -140,132 +232,168 @@ class BuildOptions:
     workspace_gb: float = 4.0
     timing_cache: Optional[Path] = None
     builder_opt_level: int = 3
-    fp32_layers: tuple[str, ...] = ()  # FP16 graph on 10.x: layers pinned to fp32
     rebuild_hint: str = ""
+    device: str = "cuda:0"
+
+
+def _network_flags(trt) -> int:
+    """``STRONGLY_TYPED`` where the bindings still expose it (10.x; 11.x accepts and ignores it)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _set_timing_cache(trt, config, path: Optional[Path], say: Callable[[str], None]) -> str:
+    """Load ``path`` into ``config``; a cache TensorRT rejects (other GPU/version, corrupt) is replaced
+    by a fresh one with a one-line warning. Returns "loaded", "fresh" or "rejected"."""
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    state = "loaded" if data else "fresh"
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # noqa: BLE001 - the bindings raise on bytes they cannot read
+        cache = None
+    ok = cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
+    if not ok:
+        say(f"warning: timing cache {path} was rejected by TensorRT (made on another GPU or TensorRT version, or "
+            "corrupt); building with a fresh cache, which will replace it")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        state = "rejected"
+    return state
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildOptions, *,
-                 progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Parse ``onnx_path``, build, and save the engine at ``engine_path`` with its sidecar.
+                 progress: Optional[Callable[[str], None]] = None, cuda: Optional[TorchCuda] = None) -> dict[str, Any]:
+    """Parse ``onnx_path`` into a strongly typed network, build, and save the engine with its sidecar.
 
     Args:
         onnx_path: the TensorRT-ready ONNX (its precision transform already applied).
         engine_path: where the serialized engine goes (written atomically).
         options: :class:`BuildOptions`.
         progress: one-line progress callback. Defaults to silent.
+        cuda: the CUDA seam. Defaults to PyTorch's CUDA runtime.
 
     Returns:
         The sidecar dict (also written to ``<engine>.build.json``).
 
     Raises:
+        BadInput: ``options.precision`` is not the precision the graph carries, or the device is unknown.
         EngineBuildError: a parser error (all of them listed) or a failed build.
         MissingDependency: no TensorRT or no GPU.
     """
     say = progress or (lambda _m: None)
     trt = require("tensorrt", purpose="building TensorRT engines")
-    env = current_environment()
-    major = trt_major(trt.__version__)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    strongly_typed = major >= 11 or options.precision in ("int8", "fp32")
-    flags = 0
-    if strongly_typed and major < 11:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    say(f"tensorrt {trt.__version__}: parsing {Path(onnx_path).name}")
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"TensorRT's ONNX parser rejected {Path(onnx_path).name} with {len(errors)} error(s): "
-                               + " | ".join(errors) + "; check the trt_compat report in the manifest")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
-    config.builder_optimization_level = int(options.builder_opt_level)
-    config.progress_monitor = _progress_monitor(trt, say)
-    if options.precision == "fp32" and major < 11:
-        config.clear_flag(trt.BuilderFlag.TF32)  # strict fp32 parity
-    if options.precision == "fp16" and not strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)
-        pinned = set(options.fp32_layers)
-        if pinned:
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            for i in range(network.num_layers):
-                layer = network.get_layer(i)
-                if layer.name in pinned:
-                    layer.precision = trt.float32
-                    for o in range(layer.num_outputs):
-                        layer.set_output_type(o, trt.float32)
-    lo, opt, hi = options.batch
-    h, w = options.image_size
-    profile = builder.create_optimization_profile()
-    profile.set_shape(options.input_name, (lo, 3, h, w), (opt, 3, h, w), (hi, 3, h, w))
-    config.add_optimization_profile(profile)
-    cache_path = Path(options.timing_cache) if options.timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"TensorRT could not build an engine from {Path(onnx_path).name} (see the log above); "
-                               "try a larger --workspace-gb or --builder-opt-level 3")
-    build_s = time.perf_counter() - start
-    with atomic_path(engine_path) as tmp:
-        Path(tmp).write_bytes(bytes(serialized))
-    if cache_path is not None:
-        with atomic_path(cache_path) as tmp:
-            Path(tmp).write_bytes(bytes(config.get_timing_cache().serialize()))
-    sidecar = {**env, "precision": options.precision, "strongly_typed": strongly_typed,
-               "batch_profile": {"min": lo, "opt": opt, "max": hi}, "image_size": [h, w],
-               "input_name": options.input_name, "onnx": Path(onnx_path).name,
+    cuda = cuda or _cuda()
+    env = current_environment(options.device, cuda=cuda)
+    carried = graph_precision(onnx_path)
+    if carried["precision"] != options.precision:
+        raise BadInput(f"{Path(onnx_path).name} carries {carried['precision']} (a strongly typed build takes the "
+                       f"precision from the graph) but {options.precision} was requested: export the "
+                       f"{options.precision} graph with nextvit-deploy export --target trt --precision "
+                       f"{options.precision}")
+    index = cuda_index(options.device)
+    with cuda.on(index):
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        flags = _network_flags(trt)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        say(f"tensorrt {trt.__version__}: parsing {Path(onnx_path).name} (strongly typed, on cuda:{index})")
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise EngineBuildError(f"TensorRT's ONNX parser rejected {Path(onnx_path).name} with {len(errors)} "
+                                   "error(s): " + " | ".join(errors) + "; check the trt_compat report in the manifest")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
+        config.builder_optimization_level = int(options.builder_opt_level)
+        config.progress_monitor = _progress_monitor(trt, say)
+        tf32_flag = getattr(trt.BuilderFlag, "TF32", None)
+        if options.precision == "fp32" and tf32_flag is not None:
+            config.clear_flag(tf32_flag)  # strict fp32 parity; TF32 is on by default in 10.x and 11.x
+        tf32 = bool(config.get_flag(tf32_flag)) if tf32_flag is not None else False
+        lo, opt, hi = options.batch
+        h, w = options.image_size
+        profile = builder.create_optimization_profile()
+        profile.set_shape(options.input_name, (lo, 3, h, w), (opt, 3, h, w), (hi, 3, h, w))
+        config.add_optimization_profile(profile)
+        cache_path = Path(options.timing_cache) if options.timing_cache else None
+        cache_state = _set_timing_cache(trt, config, cache_path, say)
+        start = time.perf_counter()
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise EngineBuildError(f"TensorRT could not build an engine from {Path(onnx_path).name} (see the log "
+                                   "above); try a larger --workspace-gb or --opt-level 3")
+        build_s = time.perf_counter() - start
+        with atomic_path(engine_path) as tmp:
+            Path(tmp).write_bytes(bytes(serialized))
+        if cache_path is not None:
+            with atomic_path(cache_path) as tmp:
+                Path(tmp).write_bytes(bytes(config.get_timing_cache().serialize()))
+    sidecar = {**env, "precision": options.precision, "strongly_typed": True, "network_flags": flags,
+               "tf32": tf32, "graph": carried, "batch_profile": {"min": lo, "opt": opt, "max": hi},
+               "image_size": [h, w], "input_name": options.input_name, "onnx": Path(onnx_path).name,
                "onnx_sha256": sha256_path(onnx_path), "engine_sha256": sha256_path(engine_path),
                "workspace_gb": options.workspace_gb, "builder_opt_level": options.builder_opt_level,
-               "timing_cache": str(cache_path) if cache_path else None, "build_seconds": round(build_s, 1),
-               "rebuild": options.rebuild_hint, "created_utc": utc_now()}
+               "timing_cache": str(cache_path) if cache_path else None, "timing_cache_state": cache_state,
+               "build_seconds": round(build_s, 1), "rebuild": options.rebuild_hint, "created_utc": utc_now()}
     atomic_write_text(sidecar_path(engine_path), json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 
 
 class TrtRunner(Runner):
-    """Run a serialized TensorRT engine on the GPU; I/O by tensor name.
+    """Run a serialized TensorRT engine on a GPU; I/O by tensor name.
 
     Args:
-        engine_path: the ``.engine`` file (with its ``.build.json`` sidecar).
-        device: CUDA device. Defaults to "cuda:0".
-        check_environment: refuse engines built for another TensorRT/GPU. Defaults to True.
+        engine_path: the ``.engine`` file (normally with its ``.build.json`` sidecar).
+        device: CUDA device, ``cuda:N``. Defaults to "cuda:0".
+        check_environment: refuse engines whose sidecar names another TensorRT/GPU. Defaults to True.
+        rebuild: the command that rebuilds the engine (named in errors). Defaults to the sidecar's.
+        require_sidecar: refuse an engine without a sidecar. Defaults to True; False for engines built
+            outside the tool (then TensorRT's deserialization is the version check).
+        cuda: the CUDA seam. Defaults to PyTorch's CUDA runtime.
 
     Attributes:
         last_gpu_ms: GPU time of the last ``infer`` (CUDA events around ``execute_async_v3``), ms.
         notes: environment notes (e.g. a different GPU model of the same architecture).
     """
 
-    def __init__(self, engine_path: str | Path, *, device: str = "cuda:0", check_environment: bool = True):
+    def __init__(self, engine_path: str | Path, *, device: str = "cuda:0", check_environment: bool = True,
+                 rebuild: str = "", require_sidecar: bool = True, cuda: Optional[TorchCuda] = None):
         super().__init__()
         self.path = Path(engine_path)
-        self.device = device
+        self.index = cuda_index(device)
+        self.device = f"cuda:{self.index}"
         self.check_environment = check_environment
+        self.rebuild = rebuild
+        self.require_sidecar = require_sidecar
         self.name = f"TrtRunner({self.path.name})"
         self.notes: list[str] = []
         self.last_gpu_ms: Optional[float] = None
+        self._cuda = cuda
         self._engine = self._context = self._stream = None
-        self._torch = self._trt = None
+        self._trt: Any = None
 
     def _activate_impl(self) -> None:
         self._trt = trt = require("tensorrt", purpose="running TensorRT engines")
-        self._torch = torch = require("torch")
-        sidecar = read_sidecar(self.path)
-        env = current_environment()
-        if self.check_environment:
-            self.notes = check_engine_environment(sidecar, env, engine=self.path.name)
-        self.device = f"{self.device} ({env['gpu_name']}, TensorRT {env['tensorrt_version']})"
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self._engine is None:
-            raise EngineMismatch(f"TensorRT could not deserialize {self.path.name}: rebuild it on this machine")
-        self._context = self._engine.create_execution_context()
-        self._stream = torch.cuda.Stream(device=self._cuda())
-
-    def _cuda(self) -> str:
-        return self.device.split(" ")[0]
+        cuda = self._cuda = self._cuda or _cuda()
+        env = current_environment(f"cuda:{self.index}", cuda=cuda)
+        sidecar: dict[str, Any] = {}
+        if self.require_sidecar or sidecar_path(self.path).is_file():
+            sidecar = read_sidecar(self.path)
+        else:
+            self.notes.append("engine built outside nextvit-deploy (no sidecar): TensorRT's deserialization "
+                              "checks the TensorRT version and GPU")
+        rebuild = self.rebuild or sidecar.get("rebuild") or "re-run the trtexec command of its ONNX manifest"
+        if self.check_environment and sidecar:
+            self.notes += check_engine_environment({**sidecar, "rebuild": rebuild}, env, engine=self.path.name)
+        self.device = f"cuda:{self.index} ({env['gpu_name']}, TensorRT {env['tensorrt_version']})"
+        with cuda.on(self.index):
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self._engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self._engine is None:
+                raise EngineMismatch(f"TensorRT {env['tensorrt_version']} could not deserialize {self.path.name} on "
+                                     f"{env['gpu_name']} (built by another TensorRT version or for another GPU?): "
+                                     f"rebuild it here ({rebuild})")
+            self._context = self._engine.create_execution_context()
+            self._stream = cuda.stream(self.index)
 
     def _deactivate_impl(self) -> None:
         self._context = self._engine = self._stream = None
@@ -289,36 +417,70 @@ class TrtRunner(Runner):
         return specs
 
     def _infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch, ctx, dev = self._torch, self._context, self._cuda()
+        cuda, ctx, idx = self._cuda, self._context, self.index
+        assert cuda is not None
         keep = []
-        with torch.cuda.stream(self._stream):
+        with cuda.on(idx), cuda.using(self._stream):
             for name, arr in feed.items():
-                t = torch.from_numpy(np.ascontiguousarray(arr)).to(dev, non_blocking=True)
+                t = cuda.upload(arr, idx)
                 keep.append(t)
                 ctx.set_input_shape(name, tuple(arr.shape))
                 ctx.set_tensor_address(name, t.data_ptr())
             outputs = {}
             for name in self._names(False):
                 shape = tuple(ctx.get_tensor_shape(name))
-                np_dtype = np.dtype(self._trt.nptype(self._engine.get_tensor_dtype(name)))
-                out = torch.empty(shape, dtype=getattr(torch, np_dtype.name), device=dev)
+                out = cuda.empty(shape, np.dtype(self._trt.nptype(self._engine.get_tensor_dtype(name))), idx)
                 ctx.set_tensor_address(name, out.data_ptr())
                 outputs[name] = out
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = cuda.event(), cuda.event()
             start.record(self._stream)
             if not ctx.execute_async_v3(self._stream.cuda_stream):
                 raise DeployError(f"{self.name}: execute_async_v3 failed (see the TensorRT log)")
             end.record(self._stream)
         self._stream.synchronize()
         self.last_gpu_ms = float(start.elapsed_time(end))
-        return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+        return {n: cuda.download(t) for n, t in outputs.items()}
+
+
+def engine_artifact(engine: str | Path) -> Artifact:
+    """The artifact of an engine: its own manifest, or (an engine built with the printed ``trtexec``
+    command) the manifest of the TensorRT-ready ONNX beside it whose ``trtexec`` command saves this
+    engine, or whose name differs only by the suffix.
+
+    Raises:
+        ArtifactError: the engine is missing or no TensorRT-ready ONNX manifest describes it.
+    """
+    p = Path(engine)
+    if manifest_path(p).is_file():
+        return Artifact.load(p)
+    if not p.is_file():
+        raise ArtifactError(f"engine {p} does not exist: check the path or build it first")
+    for m in sorted(p.parent.glob(f"*.onnx{MANIFEST_SUFFIX}")):
+        onnx_path = m.with_name(m.name[: -len(MANIFEST_SUFFIX)])
+        try:
+            raw = json.loads(m.read_text())
+        except ValueError:
+            continue
+        trtexec = str((raw.get("details") or {}).get("trtexec") or "")
+        names_it = any(part.startswith("--saveEngine=") and Path(part.split("=", 1)[1]).name == p.name
+                       for part in trtexec.split())
+        if raw.get("target") == "trt" and (names_it or onnx_path.stem == p.stem):
+            art = Artifact.load(onnx_path)
+            details = {**art.details, "engine": None, "built_outside": True, "onnx": onnx_path.name,
+                       "onnx_sha256": art.sha256}
+            return art.replace(path=p, sha256=sha256_path(p), details=details)
+    raise ArtifactError(f"{p.name} has no manifest and no TensorRT-ready ONNX manifest beside it names it: keep the "
+                        "engine next to the .onnx (and its manifest) it was built from, with the same name")
 
 
 def runner_for_artifact(artifact, **kw: Any) -> Runner:
     """``TARGETS['trt'].runner``: an ``.engine`` gets a :class:`TrtRunner`; the TensorRT-ready ``.onnx``
     written where TensorRT is absent runs on ONNX Runtime (``OrtRunner``), so ``verify`` works on it."""
     if Path(artifact.path).suffix == ".engine":
-        return TrtRunner(artifact.path, **{k: v for k, v in kw.items() if k in ("device", "check_environment")})
+        outside = bool(artifact.details.get("built_outside"))
+        return TrtRunner(artifact.path, rebuild=str(artifact.details.get("trtexec") or ""),
+                         require_sidecar=not outside,
+                         **{k: v for k, v in kw.items() if k in ("device", "check_environment")})
     from .onnxrt import runner_for_artifact as ort_runner  # the graph itself is plain ONNX
 
     return ort_runner(artifact, **{k: v for k, v in kw.items() if k in ("threads", "providers")})
@@ -327,24 +489,24 @@ def runner_for_artifact(artifact, **kw: Any) -> Runner:
 def trtexec_command(onnx_path: str | Path, engine_path: str | Path, *, precision: str,
                     batch: tuple[int, int, int], image_size: tuple[int, int], input_name: str = "input",
                     workspace_gb: float = 4.0, timing_cache: Optional[Path] = None, builder_opt_level: int = 3,
-                    dynamic_batch: bool = True, flags: Sequence[str] = ()) -> str:
-    """The ``trtexec`` command equivalent to :func:`build_engine` (TensorRT 10.x/11.x flags).
+                    dynamic_batch: bool = True, device: str = "cuda:0", flags: Sequence[str] = ()) -> str:
+    """The ``trtexec`` command equivalent to :func:`build_engine` (same flags on TensorRT 10.x and 11.x).
 
-    FP16 and INT8 graphs carry their precision, so the command builds them ``--stronglyTyped``
-    (required on 11.x; on 10.x before 10.12 use ``--fp16`` instead for the FP16 graph).
+    Every graph carries its precision, so the command is always ``--stronglyTyped`` (no ``--fp16`` or
+    ``--int8``); FP32 adds ``--noTF32``.
     """
     lo, opt, hi = batch
     h, w = image_size
-    parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--stronglyTyped"]
     if dynamic_batch:
         parts += [f"--minShapes={input_name}:{lo}x3x{h}x{w}", f"--optShapes={input_name}:{opt}x3x{h}x{w}",
                   f"--maxShapes={input_name}:{hi}x3x{h}x{w}"]
     parts += [f"--memPoolSize=workspace:{int(workspace_gb * 1024)}M", f"--builderOptimizationLevel={builder_opt_level}"]
     if timing_cache:
         parts.append(f"--timingCacheFile={timing_cache}")
-    if precision in ("fp16", "int8"):
-        parts.append("--stronglyTyped")
     if precision == "fp32":
         parts.append("--noTF32")
+    if cuda_index(device):
+        parts.append(f"--device={cuda_index(device)}")
     parts += list(flags)
     return " ".join(str(p) for p in parts)

@@ -20,6 +20,8 @@ Examples:
 
   nextvit-deploy export --target trt --precision int8 --calib-dir images/ --calib-images 256
 
+  nextvit-deploy export --target trt --precision int8 --calib-method max --int8-float fp32
+
   nextvit-deploy export --target coreml --precision fp16 --input-kind image
 """
 
@@ -39,6 +41,15 @@ def export_cmd(
     simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph (onnxsim, else onnxslim).")] = True,
     calib_dir: Annotated[Optional[Path], typer.Option(help="INT8: folder of calibration images.")] = None,
     calib_images: Annotated[int, typer.Option(help="INT8: use at most this many calibration images.")] = 64,
+    calib_method: Annotated[str, typer.Option(help="INT8 (trt): activation calibration: entropy, max or percentile.")]
+    = "entropy",
+    int8_float: Annotated[str, typer.Option(help="INT8 (trt): type of the unquantized regions: fp16 (opset >= 19) "
+                                                 "or fp32.")] = "fp16",
+    quantize_attention: Annotated[bool, typer.Option(help="INT8 (trt): also quantize attention's MatMul -> Softmax "
+                                                          "-> MatMul.")] = False,
+    residual_qdq: Annotated[bool, typer.Option(help="INT8 (trt): Q/DQ on the skip input of residual Conv + Add.")]
+    = True,
+    device: Annotated[str, typer.Option(help="TensorRT: GPU that builds the engine (cuda:N).")] = "cuda:0",
     workspace_gb: Annotated[float, typer.Option(help="TensorRT: builder workspace limit (GiB).")] = 4.0,
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT: timing cache file to load/save.")] = None,
     opt_level: Annotated[int, typer.Option(help="TensorRT: builder optimization level 0-5.")] = 3,
@@ -66,7 +77,8 @@ def export_cmd(
         batch=parse_batch(batch), opset=opset, out_dir=out_dir, checkpoint=checkpoint, seed=seed,
         features_only=backbone, simplify=simplify, calib_dir=calib_dir, calib_images=calib_images,
         workspace_gb=workspace_gb, timing_cache=timing_cache, builder_opt_level=opt_level,
-        min_deployment_target=min_target, input_kind=input_kind, class_labels=labels)
+        min_deployment_target=min_target, input_kind=input_kind, class_labels=labels, calib_method=calib_method,
+        int8_high_precision=int8_float, int8_attention=quantize_attention, int8_residual=residual_qdq, device=device)
     with progress_status(f"exporting {canonical} to {req.target} ({req.precision})") as say:
         try:
             art = export(req, progress=say)

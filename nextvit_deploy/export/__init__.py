@@ -48,10 +48,33 @@ class ExportRequest:
     input_kind: str = "tensor"  # "tensor" (normalised float input) or "image" (RGB 0..255)
     class_labels: Optional[Path] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # INT8, TensorRT convention (see export/int8.py Int8Options)
+    calib_method: str = "entropy"
+    int8_attention: bool = False  # also quantize MatMul -> Softmax -> MatMul
+    int8_residual: bool = True  # Q/DQ on the skip input of Conv + Add
+    int8_high_precision: str = "fp16"  # type of the unquantized regions: fp16 (opset >= 19) or fp32
+    device: str = "cuda:0"  # TensorRT: the GPU that builds (and runs) the engine
 
     @property
     def dynamic_batch(self) -> bool:
         return self.batch[0] != self.batch[2]
+
+    def int8_options(self):
+        """The TensorRT-convention INT8 options of this request."""
+        from .int8 import Int8Options
+
+        return Int8Options(method=self.calib_method, residual=self.int8_residual, attention=self.int8_attention,
+                           high_precision=self.int8_high_precision)  # type: ignore[arg-type]
+
+    @property
+    def effective_opset(self) -> int:
+        """The opset the graph is exported at: TensorRT INT8 with fp16 regions needs fp16 Q/DQ scales,
+        which need opset 19, so a lower ``opset`` is raised to 19 there (the manifest records it)."""
+        from .int8 import FP16_SCALE_OPSET
+
+        if self.target == "trt" and self.precision == "int8" and self.int8_high_precision == "fp16":
+            return max(self.opset, FP16_SCALE_OPSET)
+        return self.opset
 
     def output_path(self, suffix: Optional[str] = None) -> Path:
         h, w = self.image_size
@@ -100,6 +123,16 @@ def validate_request(req: ExportRequest) -> None:
         raise BadInput(f"--batch must be at least 1, got {req.batch}")
     if req.calib_images < 1:
         raise BadInput(f"--calib-images must be at least 1, got {req.calib_images}")
+    from .int8 import CALIBRATION_METHODS
+
+    if req.calib_method not in CALIBRATION_METHODS:
+        raise BadInput(f"--calib-method {req.calib_method!r} is unknown: choose {', '.join(CALIBRATION_METHODS)}")
+    if req.int8_high_precision not in ("fp16", "fp32"):
+        raise BadInput(f"--int8-float {req.int8_high_precision!r} is unknown: choose fp16 or fp32")
+    if req.target == "trt":
+        from ..backends.tensorrt import cuda_index
+
+        cuda_index(req.device)
     try:
         check_input_size(*req.image_size, cfg.sr_ratios)
     except InputSizeError as exc:

@@ -206,13 +206,33 @@ def _fold_constants_to_initializers(model) -> None:
     model.graph.node.extend(keep)
 
 
+def _half_nodes(model, keep_fp32: set[str], *, qdq: bool) -> dict[str, bool]:
+    """Which nodes compute in fp16: FP16_OPS not kept in fp32; with ``qdq``, a DequantizeLinear when every
+    consumer is fp16, a QuantizeLinear when every DequantizeLinear it feeds is."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    half = {n.name: n.op_type in FP16_OPS and n.name not in keep_fp32 for n in model.graph.node}
+    if qdq:
+        for op in ("DequantizeLinear", "QuantizeLinear"):
+            for n in model.graph.node:
+                if n.op_type == op:
+                    users = consumers.get(n.output[0], [])
+                    half[n.name] = bool(users) and all(half[u.name] for u in users)
+    return half
+
+
 def convert_to_mixed(model, keep_fp32: set[str]) -> tuple[Any, dict[str, int]]:
     """Return a copy of ``model`` whose float computation is fp16 except the nodes in ``keep_fp32``.
 
     Graph inputs and outputs keep float32 (Casts are inserted after the input and before outputs).
+    In a Q/DQ graph of opset >= 19, QuantizeLinear/DequantizeLinear follow the layers they feed: a
+    DequantizeLinear whose consumers all run in fp16 gets an fp16 scale (so it outputs fp16, which is
+    what TensorRT's parser makes of it), and its QuantizeLinear does too; elsewhere they stay fp32.
 
     Args:
-        model: fp32 ``onnx.ModelProto`` (nodes in topological order, as exported).
+        model: fp32 ``onnx.ModelProto`` (nodes in topological order, as exported), possibly with Q/DQ.
         keep_fp32: names of nodes that stay FP32.
 
     Returns:
@@ -234,6 +254,8 @@ def convert_to_mixed(model, keep_fp32: set[str]) -> tuple[Any, dict[str, int]]:
     new_nodes = []
     counts = {"fp16_nodes": 0, "fp32_nodes": 0, "casts": 0}
     used_fp32_inits: set[str] = set()
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    half_of = _half_nodes(m, keep_fp32, qdq=opset >= 19)
 
     def cast(name: str, to: int) -> str:
         key = (name, to)
@@ -248,7 +270,7 @@ def convert_to_mixed(model, keep_fp32: set[str]) -> tuple[Any, dict[str, int]]:
         if node.op_type in TYPE_AGNOSTIC_OPS:
             new_nodes.append(node)
             continue
-        half = node.op_type in FP16_OPS and node.name not in keep_fp32
+        half = half_of[node.name]
         want = HALF if half else FLOAT
         skip = NON_DATA_INPUTS.get(node.op_type, frozenset())
         if any(types.get(t) == FLOAT for t in (*node.input, *node.output)):

@@ -2,16 +2,36 @@
 
 Two conventions, because the two runtimes accelerate different graphs:
 
-* **TensorRT** (:func:`quantize_trt`, written here with ``onnx``): symmetric int8, zero point 0,
-  per-channel weight scales (weights stored as int8 initializers behind a DequantizeLinear),
-  per-tensor activation scales, and Q/DQ only on the inputs of Conv, Gemm and MatMul, where TensorRT
-  fuses them into int8 kernels. TensorRT 11 builds such a graph strongly typed (no INT8 flag, no
-  calibrator); :mod:`nextvit_deploy.trt_compat` checks these rules on every trt export.
+* **TensorRT** (:func:`quantize_trt`, written here with ``onnx``), placed the way NVIDIA's Model
+  Optimizer (ModelOpt) places Q/DQ for TensorRT:
+
+  - symmetric int8, zero point 0; weights per output channel (stored as int8 initializers behind a
+    DequantizeLinear), activations per tensor;
+  - Q/DQ on the data inputs of Conv, Gemm and MatMul;
+  - residual Adds: the input that is *not* the output of a Conv (the skip branch) gets Q/DQ too, so
+    TensorRT can fuse Conv + Add (+ the next Quantize) into one int8 kernel (NVIDIA's quantization
+    toolkit: "Q/DQ nodes need to be added to residual connections"; ModelOpt's
+    ``build_non_residual_input_map``);
+  - attention: the two activation-by-activation MatMuls of a MatMul -> Softmax -> MatMul pattern stay
+    in high precision by default (ModelOpt's default; ``Int8Options.attention=True`` quantizes them);
+  - the regions between Q/DQ pairs run in **FP16** by default (ModelOpt's ``high_precision_dtype``):
+    TensorRT's parser gives a DequantizeLinear the type of its *scale*, so with fp32 scales every
+    unquantized layer of a strongly typed network would be FP32. FP16 scales need opset >= 19;
+    network inputs and outputs stay float32, and the measured-overflow rules of :mod:`.fp16` decide
+    which nodes stay FP32. ``Int8Options.high_precision="fp32"`` keeps those regions FP32.
+
+  TensorRT 10 and 11 build such a graph strongly typed (no INT8/FP16 flag, no calibrator);
+  :mod:`nextvit_deploy.trt_compat` checks the parser's rules on every trt export.
 * **ONNX Runtime x86** (:func:`quantize_ort_x86`, ONNX Runtime's ``quantize_static``): QDQ with uint8
   activations (asymmetric) and int8 per-channel weights, the U8S8 form ONNX Runtime's CPU kernels
   (QLinearConv / MatMulInteger via VPMADDUBSW) accelerate.
 
-Both run on ONNX Runtime CPU, so both are verified and measured here.
+Calibration (activation ``amax``, scale = amax / 127) reads the |x| histograms that
+:func:`~.precision.measure_activations` collects: ``max`` (largest |x|), ``percentile`` (the 99.99th
+percentile) or ``entropy`` (the threshold that minimises the KL divergence between the clipped and the
+int8-quantized distribution, TensorRT's entropy calibrator's criterion).
+
+Both conventions run on ONNX Runtime CPU, so both are verified and measured here.
 """
 from __future__ import annotations
 
@@ -23,16 +43,84 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import numpy as np
 
 from .._deps import require
-from .precision import feed_chunks, measure_activations, static_batch
+from .precision import TensorRange, feed_chunks, measure_activations, static_batch
 
-__all__ = ["QUANTIZED_OPS", "Int8Result", "weight_channel_axis", "quantize_trt", "quantize_ort_x86",
-           "CalibrationMethod"]
+__all__ = ["QUANTIZED_OPS", "CALIBRATION_METHODS", "Int8Options", "QdqSite", "QdqPlan", "Int8Result",
+           "weight_channel_axis", "attention_matmuls", "residual_inputs", "plan_qdq", "calibrated_amax",
+           "entropy_amax", "quantize_trt", "quantize_ort_x86", "CalibrationMethod", "FP16_SCALE_OPSET"]
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
-CalibrationMethod = Literal["max", "percentile"]
+CalibrationMethod = Literal["max", "percentile", "entropy"]
+CALIBRATION_METHODS: tuple[str, ...] = ("max", "percentile", "entropy")
 INT8_WEIGHT_MAX = 127  # symmetric: weights use [-127, 127]
 INT8_ACT_MAX = 127  # scale = amax / 127; TensorRT clamps activations to [-128, 127]
 MIN_AMAX = 1e-8  # an all-zero tensor still gets a positive scale
+FP16_SCALE_OPSET = 19  # QuantizeLinear/DequantizeLinear-19 take float16 scales; 13 takes float only
+# Between an attention MatMul and its Softmax (scaling, masking) and between the Softmax and the
+# second MatMul (layout only): the ops a MatMul -> Softmax -> MatMul pattern may carry.
+_SCORE_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose"})
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Cast", "Identity", "Dropout"})
+# What may stand between a Conv and the residual Add it feeds for Conv + Add to fuse (ModelOpt's
+# fusible backbone: Conv [-> BatchNormalization] [-> Relu]).
+_BACKBONE_OPS = frozenset({"BatchNormalization", "Relu"})
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """Choices of the TensorRT-convention INT8 transform.
+
+    Attributes:
+        method: activation calibration, one of :data:`CALIBRATION_METHODS`. Defaults to "entropy"
+            (measured best on the trained digits model and on Next-ViT-S; see the README).
+        percentile: used by ``method="percentile"``. Defaults to 99.99.
+        residual: Q/DQ on the skip input of Conv + Add. Defaults to True (ModelOpt, NVIDIA's guide).
+        attention: also quantize the MatMul -> Softmax -> MatMul attention. Defaults to False.
+        high_precision: type of the unquantized regions, "fp16" (needs opset >= 19) or "fp32".
+            Defaults to "fp16".
+        exclude_nodes: node names left unquantized.
+    """
+
+    method: CalibrationMethod = "entropy"
+    percentile: float = 99.99
+    residual: bool = True
+    attention: bool = False
+    high_precision: Literal["fp16", "fp32"] = "fp16"
+    exclude_nodes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        m = f"{self.method} {self.percentile:g}" if self.method == "percentile" else self.method
+        return m
+
+
+@dataclass(frozen=True)
+class QdqSite:
+    """One node input that gets Q/DQ: ``kind`` is "weight" (per channel), "activation" or "residual"."""
+
+    node: str
+    op_type: str
+    input: int
+    tensor: str
+    kind: Literal["weight", "activation", "residual"]
+
+
+@dataclass(frozen=True)
+class QdqPlan:
+    """Where Q/DQ go (:func:`plan_qdq`), and the candidate nodes left out with the reason."""
+
+    sites: tuple[QdqSite, ...]
+    skipped: tuple[dict[str, str], ...] = ()
+
+    @property
+    def activations(self) -> list[str]:
+        """Activation tensors to calibrate (each gets one shared Q/DQ pair), in first-use order."""
+        return list(dict.fromkeys(s.tensor for s in self.sites if s.kind != "weight"))
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sites:
+            key = f"{s.op_type}.input{s.input}" if s.kind != "residual" else "Add.residual"
+            out[key] = out.get(key, 0) + 1
+        return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -72,71 +160,298 @@ def weight_channel_axis(node, weight_shape: Sequence[int]) -> Optional[int]:
     return None
 
 
-def quantize_trt(model, calibration: np.ndarray, *, method: CalibrationMethod = "percentile",
-                 percentile: float = 99.99, exclude_nodes: Sequence[str] = (),
-                 progress: Optional[Callable[[str], None]] = None) -> Int8Result:
-    """Insert TensorRT-convention Q/DQ on the inputs of every Conv/Gemm/MatMul of ``model``.
+class _Graph:
+    """Producer/consumer maps and constants of an ONNX graph (read-only helper of the planners)."""
+
+    def __init__(self, model):
+        g = model.graph
+        self.nodes = list(g.node)
+        self.inits = {i.name for i in g.initializer}
+        self.consts = self.inits | {n.output[0] for n in g.node if n.op_type == "Constant"}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def is_const(self, name: str) -> bool:
+        return name in self.consts
+
+    def only_consumer(self, name: str):
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 else None
+
+
+def attention_matmuls(model) -> dict[str, str]:
+    """The MatMuls of every MatMul -> Softmax -> MatMul pattern: node name -> the Softmax's name.
+
+    The first MatMul (Q.K^T, two activation inputs) reaches the Softmax through scaling/masking ops
+    only; the Softmax reaches the second MatMul (.V) through layout ops only.
+    """
+    gr = _Graph(model)
+    found: dict[str, str] = {}
+    for sm in gr.nodes:
+        if sm.op_type != "Softmax":
+            continue
+        node = gr.producer.get(sm.input[0])
+        while node is not None and node.op_type in _SCORE_OPS:
+            data = [i for i in node.input if i and not gr.is_const(i)]
+            node = gr.producer.get(data[0]) if len(data) == 1 else None
+        first = node if node is not None and node.op_type == "MatMul" else None
+        second, frontier = None, [sm.output[0]]
+        while frontier and second is None:
+            users = gr.consumers.get(frontier.pop(), [])
+            for u in users:
+                if u.op_type == "MatMul":
+                    second = u
+                elif u.op_type in _LAYOUT_OPS:
+                    frontier.append(u.output[0])
+        if first is None or second is None:
+            continue
+        if all(not gr.is_const(i) for i in first.input[:2]):
+            found[first.name] = sm.name
+        found[second.name] = sm.name
+    return found
+
+
+def _conv_backbone(gr: _Graph, tensor: str):
+    """The Conv that produces ``tensor`` through ``Conv [-> BatchNormalization] [-> Relu]`` with no other
+    consumer on the way (so the Add can fuse into it), else None."""
+    node = gr.producer.get(tensor)
+    while node is not None and node.op_type in _BACKBONE_OPS:
+        if gr.only_consumer(node.input[0]) is not node:
+            return None
+        node = gr.producer.get(node.input[0])
+    if node is not None and node.op_type == "Conv" and len(gr.consumers.get(node.output[0], [])) == 1:
+        return node
+    return None
+
+
+def _depth(gr: _Graph, tensor: str, memo: dict[str, int]) -> int:
+    """Number of nodes on the longest path from the graph inputs to ``tensor``."""
+    stack = [tensor]
+    while stack:
+        t = stack[-1]
+        if t in memo:
+            stack.pop()
+            continue
+        node = gr.producer.get(t)
+        if node is None:
+            memo[t] = 0
+            stack.pop()
+            continue
+        pending = [i for i in node.input if i and i not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[t] = 1 + max((memo[i] for i in node.input if i), default=0)
+        stack.pop()
+    return memo[tensor]
+
+
+def residual_inputs(model) -> dict[str, int]:
+    """Residual Adds: Add node name -> index of its *skip* input (the one to quantize).
+
+    An Add of two activations is residual when at least one input comes straight from a Conv
+    (:func:`_conv_backbone`): that input fuses into the Conv and stays unquantized, and the other
+    input (the skip branch) gets Q/DQ. When both inputs come from Convs, the one on the longer path
+    from the graph input is taken as the fused branch (ModelOpt's rule for two backbones).
+    """
+    gr = _Graph(model)
+    memo: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for node in gr.nodes:
+        if node.op_type != "Add" or len(node.input) != 2 or any(gr.is_const(i) for i in node.input):
+            continue
+        if node.input[0] == node.input[1]:
+            continue
+        backbones = [_conv_backbone(gr, i) is not None for i in node.input]
+        if not any(backbones):
+            continue
+        if all(backbones):
+            fused = 0 if _depth(gr, node.input[0], memo) >= _depth(gr, node.input[1], memo) else 1
+        else:
+            fused = backbones.index(True)
+        out[node.name] = 1 - fused
+    return out
+
+
+def plan_qdq(model, options: Int8Options = Int8Options()) -> QdqPlan:
+    """Decide where Q/DQ go in the fp32 ``model`` (no calibration; node names must be unique).
+
+    Returns:
+        :class:`QdqPlan`: the quantized inputs (weights, activations, residual skips) and the candidate
+        nodes left unquantized with the reason.
+    """
+    gr = _Graph(model)
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    attention = attention_matmuls(model)
+    excluded = set(options.exclude_nodes)
+    sites: list[QdqSite] = []
+    skipped: list[dict[str, str]] = []
+    quantized: set[str] = set()
+    for node in gr.nodes:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        if node.name in excluded:
+            skipped.append({"node": node.name, "reason": "excluded by the caller"})
+            continue
+        if node.name in attention and not options.attention:
+            skipped.append({"node": node.name, "reason": f"attention MatMul (-> {attention[node.name]}): "
+                                                         "MatMul -> Softmax -> MatMul kept in high precision"})
+            continue
+        data, weight = node.input[0], node.input[1] if len(node.input) > 1 else ""
+        if gr.is_const(data):
+            skipped.append({"node": node.name, "reason": "input 0 is a constant"})
+            continue
+        if weight and gr.is_const(weight) and (weight not in gr.inits
+                                               or weight_channel_axis(node, shapes[weight]) is None):
+            skipped.append({"node": node.name, "reason": "input 1 is a constant that is not a per-channel weight"})
+            continue
+        sites.append(QdqSite(node.name, node.op_type, 0, data, "activation"))
+        if weight:
+            sites.append(QdqSite(node.name, node.op_type, 1, weight,
+                                 "weight" if gr.is_const(weight) else "activation"))
+        quantized.add(node.name)
+    if options.residual:
+        for add, idx in residual_inputs(model).items():
+            node = next(n for n in gr.nodes if n.name == add)
+            fused = _conv_backbone(gr, node.input[1 - idx])
+            if fused is not None and fused.name in quantized:
+                sites.append(QdqSite(add, "Add", idx, node.input[idx], "residual"))
+    return QdqPlan(sites=tuple(sites), skipped=tuple(skipped))
+
+
+def entropy_amax(histogram: np.ndarray, bin_width: float, *, levels: int = 128) -> float:
+    """The clipping threshold that minimises KL(P || Q) (TensorRT's entropy calibration criterion).
+
+    For each candidate threshold ``i`` bins, P is the histogram cut at ``i`` with everything above
+    folded into its last bin, and Q is the cut histogram merged into ``levels`` groups (one per
+    positive int8 level) and spread back evenly over the bins that were non-zero. The search runs
+    over every ``i`` from ``levels`` up to the last non-zero bin, coarsely first (every 16 bins), then
+    bin by bin around the best coarse candidate.
 
     Args:
-        model: fp32 ``onnx.ModelProto``.
+        histogram: counts of |x| in equal bins starting at 0.
+        bin_width: width of one bin.
+        levels: quantization levels of the positive half (int8: 128).
+
+    Returns:
+        amax (>= one bin; the full range when the histogram has fewer than ``levels`` occupied bins).
+    """
+    hist = np.asarray(histogram, dtype=np.float64).copy()
+    if hist.size > 1:
+        # the first bin holds the exact zeros of a ReLU output (half of all values); left as it is, it
+        # dominates both distributions and the search clips the informative tail far too hard
+        hist[0] = hist[1]
+    nz = np.nonzero(hist)[0]
+    if nz.size == 0:
+        return float(bin_width)
+    last = int(nz[-1]) + 1
+    if last <= levels:
+        return float(last * bin_width)
+    suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
+
+    def kl(i: int) -> float:
+        p = hist[:i].copy()
+        p[i - 1] += suffix[i]
+        group = (np.arange(i) * levels) // i
+        occupied = hist[:i] > 0
+        g_sum = np.bincount(group, weights=hist[:i], minlength=levels)
+        g_cnt = np.bincount(group, weights=occupied.astype(np.float64), minlength=levels)
+        q = np.where(occupied, g_sum[group] / np.maximum(g_cnt[group], 1.0), 0.0)
+        mask = p > 0
+        p_n = p / p.sum()
+        q_n = q / max(q.sum(), 1e-300)
+        # a bin with P > 0 but Q == 0 (only the folded outlier bin can be) is smoothed, not infinite
+        q_m = np.maximum(q_n[mask], 1e-12)
+        return float(np.sum(p_n[mask] * np.log(p_n[mask] / q_m)))
+
+    coarse = list(range(levels, last + 1, 16)) + [last]
+    best = min(coarse, key=kl)
+    fine = range(max(levels, best - 16), min(last, best + 16) + 1)
+    best = min(fine, key=kl)
+    return float(best * bin_width)
+
+
+def calibrated_amax(r: TensorRange, options: Int8Options) -> float:
+    """amax of one activation tensor under ``options.method`` (its histogram must have been collected)."""
+    if options.method == "max" or r.histogram is None:
+        amax = r.absmax
+    elif options.method == "percentile":
+        amax = r.quantile(options.percentile)
+    else:
+        amax = entropy_amax(r.histogram, r.bin_width)
+    return max(min(amax, r.absmax) if r.absmax > 0 else amax, MIN_AMAX)
+
+
+def _name_nodes(model) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def quantize_trt(model, calibration: np.ndarray, *, options: Int8Options = Int8Options(),
+                 progress: Optional[Callable[[str], None]] = None) -> Int8Result:
+    """The TensorRT-convention Q/DQ graph of the fp32 ``model`` (see the module docstring).
+
+    Args:
+        model: fp32 ``onnx.ModelProto``; opset >= 13, and >= 19 for ``high_precision="fp16"``.
         calibration: float32 NCHW model inputs for the activation ranges.
-        method: ``"percentile"`` (amax = the ``percentile``-th percentile of |x|, robust to outliers)
-            or ``"max"`` (amax = max |x|). Defaults to "percentile".
-        percentile: used by ``method="percentile"``. Defaults to 99.99.
-        exclude_nodes: node names left unquantized.
+        options: :class:`Int8Options`. Defaults to entropy calibration, residual Q/DQ, attention in
+            high precision, FP16 regions.
         progress: one-line progress callback. Defaults to silent.
 
     Returns:
         :class:`Int8Result` with the Q/DQ model (weights stored as int8 + DequantizeLinear).
+
+    Raises:
+        ValueError: the opset is too old for the requested form (the message names ``--opset``).
     """
     onnx = require("onnx")
     from onnx import helper, numpy_helper
 
     say = progress or (lambda _m: None)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i, node in enumerate(m.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ValueError("int8 Q/DQ needs opset >= 13 (per-axis DequantizeLinear): export with --opset 13 or higher")
+    if options.high_precision == "fp16" and opset < FP16_SCALE_OPSET:
+        raise ValueError(f"int8 with fp16 regions needs opset >= {FP16_SCALE_OPSET} (fp16 Q/DQ scales), the graph "
+                         f"has {opset}: export with --opset {FP16_SCALE_OPSET} or keep fp32 regions")
+    if options.method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {options.method!r}: choose {', '.join(CALIBRATION_METHODS)}")
+    named = model_with_names(model)
+    m = model_with_names(model)
+    plan = plan_qdq(m, options)
+    acts = plan.activations
+    say(f"int8: calibrating {len(acts)} activation tensors on {calibration.shape[0]} images ({options.describe()})")
+    ranges = measure_activations(m, calibration, tensors=None if options.high_precision == "fp16" else acts,
+                                 histograms=acts)
     inits = {i.name: i for i in m.graph.initializer}
-    const_outputs = {n.output[0] for n in m.graph.node if n.op_type == "Constant"}
-    targets = [n for n in m.graph.node if n.op_type in QUANTIZED_OPS and n.name not in set(exclude_nodes)]
-    acts = sorted({inp for n in targets for inp in n.input[:2] if inp and inp not in inits and inp not in const_outputs})
-    say(f"int8: calibrating {len(acts)} activation tensors on {calibration.shape[0]} images ({method})")
-    ranges = measure_activations(m, calibration, tensors=[a for a in acts if a not in
-                                                          {vi.name for vi in m.graph.input}],
-                                 percentile=percentile if method == "percentile" else None)
-    if any(vi.name in acts for vi in m.graph.input):
-        ranges.update(_input_ranges(m, calibration, percentile if method == "percentile" else None))
-    new_inits = []
+    new_inits = [numpy_helper.from_array(np.array(0, dtype=np.int8), "qdq__zero_point_int8")]
     act_dq: dict[str, str] = {}
     weight_dq: dict[str, str] = {}
-    qdq_nodes = []
-    skipped: list[dict[str, str]] = []
-    quantized: list[str] = []
-    zero_scalar = "qdq__zero_point_int8"
-    new_inits.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zero_scalar))
+    amax_of: dict[str, float] = {}
+    qdq_nodes: list[tuple[Optional[str], Any]] = []
 
     def activation(name: str) -> str:
         if name not in act_dq:
-            r = ranges[name]
-            amax = max(r.percentile if method == "percentile" else r.absmax, MIN_AMAX)
-            scale = f"{name}__act_scale"
+            amax = amax_of[name] = calibrated_amax(ranges[name], options)
+            scale, q, dq = f"{name}__act_scale", f"{name}__q", f"{name}__dq"
             new_inits.append(numpy_helper.from_array(np.array(amax / INT8_ACT_MAX, dtype=np.float32), scale))
-            q, dq = f"{name}__q", f"{name}__dq"
-            qdq_nodes.append((name, helper.make_node("QuantizeLinear", [name, scale, zero_scalar], [q],
+            qdq_nodes.append((name, helper.make_node("QuantizeLinear", [name, scale, "qdq__zero_point_int8"], [q],
                                                      name=f"{name}__QuantizeLinear")))
-            qdq_nodes.append((name, helper.make_node("DequantizeLinear", [q, scale, zero_scalar], [dq],
+            qdq_nodes.append((name, helper.make_node("DequantizeLinear", [q, scale, "qdq__zero_point_int8"], [dq],
                                                      name=f"{name}__DequantizeLinear")))
             act_dq[name] = dq
         return act_dq[name]
 
-    def weight(node, name: str) -> Optional[str]:
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        axis = weight_channel_axis(node, w.shape)
-        if axis is None:
-            return None
+    def weight(node, name: str) -> str:
         if name not in weight_dq:
+            w = numpy_helper.to_array(inits[name]).astype(np.float32)
+            axis = weight_channel_axis(node, w.shape)
             reduce_axes = tuple(a for a in range(w.ndim) if a != axis)
             amax = np.maximum(np.abs(w).max(axis=reduce_axes), MIN_AMAX).astype(np.float32)
             scale = amax / INT8_WEIGHT_MAX
@@ -151,39 +466,17 @@ def quantize_trt(model, calibration: np.ndarray, *, method: CalibrationMethod = 
             weight_dq[name] = dq
         return weight_dq[name]
 
-    for node in targets:
-        new_inputs = list(node.input)
-        ok = True
-        for idx in (0, 1):
-            if idx >= len(node.input) or not node.input[idx]:
-                continue
-            name = node.input[idx]
-            if name in inits:
-                dq = weight(node, name) if idx == 1 else None
-                if dq is None:
-                    skipped.append({"node": node.name, "reason": f"input {idx} is a constant that is not a "
-                                                                 "per-channel weight"})
-                    ok = False
-                    break
-                new_inputs[idx] = dq
-            elif name in const_outputs:
-                skipped.append({"node": node.name, "reason": f"input {idx} is a Constant node"})
-                ok = False
-                break
-            else:
-                new_inputs[idx] = activation(name)
-        if ok:
-            for i, v in enumerate(new_inputs):
-                node.input[i] = v
-            quantized.append(node.name)
-    # place each activation Q/DQ right after its producer (graph inputs: at the top); weights at the top
+    by_name = {n.name: n for n in m.graph.node}
+    for site in plan.sites:
+        node = by_name[site.node]
+        node.input[site.input] = weight(node, site.tensor) if site.kind == "weight" else activation(site.tensor)
+    # each activation Q/DQ right after its producer (graph inputs: at the top); weight DQs at the top
     producer_pos = {o: i for i, n in enumerate(m.graph.node) for o in n.output}
-    head = [n for src, n in qdq_nodes if src is None or src not in producer_pos]
+    ordered = [n for src, n in qdq_nodes if src is None or src not in producer_pos]
     after: dict[int, list] = {}
     for src, n in qdq_nodes:
         if src is not None and src in producer_pos:
             after.setdefault(producer_pos[src], []).append(n)
-    ordered = list(head)
     for i, n in enumerate(m.graph.node):
         ordered.append(n)
         ordered.extend(after.get(i, []))
@@ -194,26 +487,47 @@ def quantize_trt(model, calibration: np.ndarray, *, method: CalibrationMethod = 
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
     del m.graph.value_info[:]
-    if m.opset_import[0].version < 13:  # per-axis DequantizeLinear needs opset 13
-        raise ValueError("int8 Q/DQ needs opset >= 13: export with --opset 13 or higher")
     m = onnx.shape_inference.infer_shapes(m)
     onnx.checker.check_model(m)
-    say(f"int8: {len(quantized)} Conv/Gemm/MatMul quantized, {len(skipped)} skipped")
-    return Int8Result(model=m, convention="tensorrt", quantized_nodes=tuple(quantized),
-                      activation_scales=len(act_dq), weight_tensors=len(weight_dq),
-                      method=f"{method}" + (f" {percentile:g}" if method == "percentile" else ""),
-                      skipped=tuple(skipped),
-                      notes=("symmetric int8, zero point 0, per-channel weights, per-tensor activations, "
-                             "Q/DQ on Conv/Gemm/MatMul inputs only",))
+    extra: dict[str, Any] = {"qdq_sites": plan.counts(), "residual_qdq": sum(s.kind == "residual" for s in plan.sites),
+                             "attention_quantized": options.attention, "high_precision": options.high_precision,
+                             "opset": opset}
+    notes = ["symmetric int8, zero point 0, per-channel weights, per-tensor activations (TensorRT convention)",
+             "Q/DQ on Conv/Gemm/MatMul inputs" + (" and on the skip input of residual Conv + Add"
+                                                   if options.residual else ""),
+             "attention MatMul -> Softmax -> MatMul " + ("quantized" if options.attention else "in high precision")]
+    if options.high_precision == "fp16":
+        from .fp16 import choose_fp32_nodes, convert_to_mixed
+
+        kept = choose_fp32_nodes(named, ranges)
+        m, counts = convert_to_mixed(m, {k.node for k in kept})
+        tiny = sum(1 for i in m.graph.initializer if i.name.endswith("_scale__fp16")
+                   and np.any(np.abs(numpy_helper.to_array(i).astype(np.float32)) < 2.0 ** -14))
+        extra.update({"fp32_kept": [k.to_dict() for k in kept], "fp32_kept_count": len(kept),
+                      "casts_inserted": counts["casts"], "fp16_scales_subnormal": tiny, "scale_dtype": "float16"})
+        notes.append(f"unquantized regions in FP16 (fp16 Q/DQ scales, opset {opset}); network I/O float32; "
+                     f"{len(kept)} node(s) kept in FP32 by measured range")
+    else:
+        extra["scale_dtype"] = "float32"
+        notes.append("unquantized regions in FP32 (fp32 Q/DQ scales)")
+    extra["qdq_counts"] = {op: sum(n.op_type == op for n in m.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    extra["activation_amax"] = {"min": float(min(amax_of.values(), default=0.0)),
+                                "max": float(max(amax_of.values(), default=0.0))}
+    quantized = tuple(dict.fromkeys(s.node for s in plan.sites))
+    say(f"int8: {len(quantized)} nodes quantized ({extra['residual_qdq']} residual Adds), "
+        f"{len(plan.skipped)} left in {options.high_precision}")
+    return Int8Result(model=m, convention="tensorrt", quantized_nodes=quantized, activation_scales=len(act_dq),
+                      weight_tensors=len(weight_dq), method=options.describe(), skipped=plan.skipped,
+                      notes=tuple(notes), extra=extra)
 
 
-def _input_ranges(model, calibration: np.ndarray, percentile: Optional[float]):
-    from .precision import TensorRange
-
-    a = np.abs(calibration).ravel()
-    amax = float(a.max())
-    pct = float(np.percentile(a, percentile)) if percentile is not None else amax
-    return {model.graph.input[0].name: TensorRange(absmax=amax, percentile=pct, tiny_fraction=0.0)}
+def model_with_names(model):
+    """A copy of ``model`` whose nodes all have unique names (the names the Q/DQ graph uses)."""
+    onnx = require("onnx")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _name_nodes(m)
+    return m
 
 
 class _Reader:

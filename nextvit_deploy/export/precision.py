@@ -3,8 +3,8 @@
 Every precision decision lives in the ONNX graph, where ONNX Runtime on a CPU can execute and verify
 it; TensorRT then builds whatever the graph says. This module holds what both transforms share:
 
-* the calibration images (``--calib-dir`` capped by ``--calib-images``, else the scikit-image photos,
-  which the manifest records),
+* the calibration images (``--calib-dir`` capped by ``--calib-images``, else the bundled calibration
+  photos, which are disjoint from the photos ``verify`` gates on; the manifest records which),
 * :func:`measure_activations`, which runs the fp32 graph on ONNX Runtime with every intermediate
   tensor exposed as an output and returns per-tensor ranges,
 * :func:`apply_precision`, the entry point the ONNX and TensorRT exporters call.
@@ -15,7 +15,8 @@ INT8: the U8 activation / S8 weight QDQ graph ONNX Runtime accelerates on x86).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional, Sequence
 
@@ -26,31 +27,74 @@ from ..errors import BadInput
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import ExportRequest
+    from .int8 import Int8Options
 
 __all__ = ["Convention", "TensorRange", "CalibrationSet", "calibration_set", "measure_activations",
-           "float_tensor_types", "apply_precision", "FP16_MAX", "FP16_MIN_NORMAL"]
+           "float_tensor_types", "apply_precision", "transform_graph", "FP16_MAX", "FP16_MIN_NORMAL"]
 
 Convention = Literal["onnxruntime", "tensorrt"]
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14  # 6.1e-5; smaller magnitudes lose precision (subnormals), < 2**-24 flush to 0
-SKIMAGE_CALIBRATION = 12  # distinct photos scikit-image ships
 
 
-@dataclass(frozen=True)
+HISTOGRAM_BINS = 2048  # bins of the |x| histograms that INT8 calibration reads (percentile, entropy)
+
+
+@dataclass(frozen=True, eq=False)
 class TensorRange:
     """Measured range of one tensor over the calibration images.
 
     Attributes:
         absmax: largest |x| seen.
-        percentile: the ``q``-th percentile of |x| (``q`` given to :func:`measure_activations`), the
-            max over calibration batches; equals ``absmax`` when percentiles were not requested.
+        percentile: the ``q``-th percentile of |x| (``q`` given to :func:`measure_activations`),
+            read from the histogram; equals ``absmax`` when no histogram was collected.
         tiny_fraction: fraction of the non-zero values whose magnitude is below fp16's smallest normal
             number (they would lose precision or flush to zero in fp16).
+        histogram: counts of |x| in :data:`HISTOGRAM_BINS` equal bins over ``[0, bin_width * bins]``
+            (only for the tensors a histogram was asked for; INT8 calibration reads it).
+        bin_width: width of one histogram bin, in the tensor's units.
     """
 
     absmax: float
     percentile: float
     tiny_fraction: float
+    histogram: Optional[np.ndarray] = None
+    bin_width: float = 0.0
+
+    def quantile(self, q: float) -> float:
+        """The ``q``-th percentile (0..100) of |x| from the histogram: the upper edge of the bin where the
+        cumulative count reaches ``q`` %, so never below the true value by more than one bin."""
+        if self.histogram is None or self.histogram.sum() == 0:
+            return self.absmax
+        cum = np.cumsum(self.histogram)
+        k = int(np.searchsorted(cum, q / 100.0 * cum[-1], side="left"))
+        return float(min(self.absmax, (k + 1) * self.bin_width))
+
+
+class _AbsHistogram:
+    """Histogram of |x| accumulated over batches with a range that grows by exact doubling.
+
+    The first non-zero batch sets the bin width (``max / bins``); a later batch whose maximum lies
+    beyond the covered range doubles the width (adjacent bins summed pairwise) until it fits, so bin
+    edges always line up and no count is approximated.
+    """
+
+    def __init__(self, bins: int = HISTOGRAM_BINS):
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.width = 0.0
+
+    def add(self, a: np.ndarray, amax: float) -> None:
+        if amax <= 0:
+            self.counts[0] += a.size
+            return
+        if self.width == 0.0:
+            self.width = amax / self.bins
+        while amax > self.width * self.bins:
+            self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(1), np.zeros(self.bins // 2, np.int64)])
+            self.width *= 2.0
+        hist, _ = np.histogram(a, bins=self.bins, range=(0.0, self.width * self.bins))
+        self.counts += hist
 
 
 @dataclass(frozen=True)
@@ -73,7 +117,8 @@ def calibration_set(*, image_size: tuple[int, int], calib_dir: Optional[Path], c
 
     Args:
         image_size: (height, width) in pixels.
-        calib_dir: folder of jpg/png/bmp/webp images; ``None`` uses the scikit-image photos.
+        calib_dir: folder of jpg/png/bmp/webp images; ``None`` uses the bundled calibration photos
+            (:func:`nextvit_deploy.data.calibration_photos`, none of which ``verify`` uses).
         calib_images: cap on the number of images (sorted file order).
         crop_pct, mean, std: the variant's preprocessing.
         input_kind: ``"tensor"`` feeds normalised images, ``"image"`` RGB 0..255. Defaults to "tensor".
@@ -81,7 +126,7 @@ def calibration_set(*, image_size: tuple[int, int], calib_dir: Optional[Path], c
     Raises:
         BadInput: empty or missing folder, unreadable image, ``calib_images < 1``.
     """
-    from ..data import load_image_dir, normalize, photos
+    from ..data import CALIBRATION_SOURCES, CALIBRATION_VIEWS, calibration_photos, load_image_dir, normalize
 
     if calib_images < 1:
         raise BadInput(f"--calib-images must be at least 1, got {calib_images}")
@@ -89,9 +134,11 @@ def calibration_set(*, image_size: tuple[int, int], calib_dir: Optional[Path], c
         images, files = load_image_dir(calib_dir, image_size, limit=calib_images, crop_pct=crop_pct)
         source, names = f"calib-dir {Path(calib_dir).resolve()}", tuple(f.name for f in files)
     else:
-        n = min(calib_images, SKIMAGE_CALIBRATION)
-        images = photos(n, image_size, crop_pct=crop_pct)
-        source, names = f"skimage photos (no --calib-dir; {n} images)", ()
+        n = min(calib_images, len(CALIBRATION_SOURCES) * len(CALIBRATION_VIEWS))
+        images = calibration_photos(n, image_size, crop_pct=crop_pct)
+        source = (f"bundled calibration photos (no --calib-dir; {n} views of scikit-learn/scikit-image photos "
+                  "that verify does not use)")
+        names = ()
     feeds = normalize(images, mean, std) if input_kind == "tensor" else (images * 255.0).astype(np.float32)
     return CalibrationSet(feeds=feeds, source=source, files=names)
 
@@ -136,7 +183,7 @@ def feed_chunks(feeds: np.ndarray, batch: int, *, static: Optional[int] = None) 
 
 
 def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[str]] = None,
-                        percentile: Optional[float] = None, batch: int = 4,
+                        percentile: Optional[float] = None, histograms: Sequence[str] = (), batch: int = 4,
                         threads: Optional[int] = None) -> dict[str, TensorRange]:
     """Run the fp32 ``model`` on ONNX Runtime CPU with intermediate tensors exposed; return their ranges.
 
@@ -144,7 +191,9 @@ def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[
         model: an ``onnx.ModelProto`` with a single float32 input.
         feeds: float32 NCHW calibration inputs; run ``batch`` at a time.
         tensors: names to measure. Defaults to every float32 tensor produced by a node.
-        percentile: also compute this percentile of |x| (e.g. 99.99). Defaults to none (absmax only).
+        percentile: also report this percentile of |x| (e.g. 99.99), read from a histogram collected for
+            every measured tensor. Defaults to none (absmax only).
+        histograms: tensors that get an |x| histogram (for INT8 calibration) even without ``percentile``.
         batch: images per ONNX Runtime run (memory: every intermediate of the batch is held at once).
         threads: intra-op threads. Defaults to ONNX Runtime's choice.
 
@@ -156,12 +205,14 @@ def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[
     types = float_tensor_types(model)
     produced = [o for n in model.graph.node for o in n.output if o]
     wanted = [t for t in produced if types.get(t) == onnx.TensorProto.FLOAT] if tensors is None else list(tensors)
-    wanted = list(dict.fromkeys(wanted))
+    wanted = list(dict.fromkeys([*wanted, *histograms])) if tensors is None else list(dict.fromkeys(wanted))
+    inputs = {vi.name for vi in model.graph.input}
+    hist_names = set(wanted) if percentile is not None else set(histograms) & set(wanted)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
     for name in wanted:
-        if name not in existing:
+        if name not in existing and name not in inputs:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -170,25 +221,34 @@ def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     input_name = sess.get_inputs()[0].name
+    fetch = [n for n in wanted if n not in inputs]
     absmax = dict.fromkeys(wanted, 0.0)
-    pct = dict.fromkeys(wanted, 0.0)
     tiny = dict.fromkeys(wanted, 0)
     nonzero = dict.fromkeys(wanted, 0)
+    hists = {n: _AbsHistogram() for n in wanted if n in hist_names}
     for chunk in feed_chunks(feeds, batch, static=static_batch(model)):
-        outs = sess.run(wanted, {input_name: chunk})
-        for name, arr in zip(wanted, outs):
-            a = np.abs(arr.astype(np.float32, copy=False)).ravel()
+        outs = dict(zip(fetch, sess.run(fetch, {input_name: chunk}))) if fetch else {}
+        outs.update({n: chunk for n in wanted if n in inputs})
+        for name in wanted:
+            a = np.abs(outs[name].astype(np.float32, copy=False)).ravel()
             if a.size == 0:
                 continue
-            absmax[name] = max(absmax[name], float(a.max()))
+            top = float(a.max())
+            absmax[name] = max(absmax[name], top)
             nz = a[a > 0]
             nonzero[name] += nz.size
             tiny[name] += int((nz < FP16_MIN_NORMAL).sum())
-            if percentile is not None:
-                k = min(a.size - 1, int(np.ceil(percentile / 100.0 * a.size)) - 1)
-                pct[name] = max(pct[name], float(np.partition(a, max(k, 0))[max(k, 0)]))
-    return {n: TensorRange(absmax=absmax[n], percentile=pct[n] if percentile is not None else absmax[n],
-                           tiny_fraction=tiny[n] / nonzero[n] if nonzero[n] else 0.0) for n in wanted}
+            if name in hists:
+                hists[name].add(a, top)
+    out = {}
+    for n in wanted:
+        h = hists.get(n)
+        r = TensorRange(absmax=absmax[n], percentile=absmax[n], tiny_fraction=tiny[n] / nonzero[n] if nonzero[n] else 0.0,
+                        histogram=h.counts if h else None, bin_width=h.width if h else 0.0)
+        if percentile is not None:
+            r = dataclasses.replace(r, percentile=r.quantile(percentile))
+        out[n] = r
+    return out
 
 
 def apply_precision(src: Path, dst: Path, req: "ExportRequest", *, convention: Convention,
@@ -196,7 +256,7 @@ def apply_precision(src: Path, dst: Path, req: "ExportRequest", *, convention: C
     """Rewrite the fp32 ONNX at ``src`` into ``req.precision`` and save it at ``dst`` (may equal ``src``).
 
     Calibration images come from ``req.calib_dir`` (at most ``req.calib_images``), else from the
-    scikit-image photos; both FP16 (to pick the nodes kept in FP32) and INT8 (to set scales) use them.
+    bundled calibration photos; both FP16 (to pick the nodes kept in FP32) and INT8 (to set scales) use them.
 
     Args:
         src: the deploy-form fp32 ONNX.
@@ -221,30 +281,46 @@ def apply_precision(src: Path, dst: Path, req: "ExportRequest", *, convention: C
     from nextvit_model import resolve_variant
 
     cfg = resolve_variant(req.variant)
-    progress(f"loading calibration images ({req.calib_dir or 'scikit-image photos'})")
+    progress(f"loading calibration images ({req.calib_dir or 'bundled calibration photos'})")
     calib = calibration_set(image_size=req.image_size, calib_dir=req.calib_dir, calib_images=req.calib_images,
                             crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, input_kind=req.input_kind)
-    model = onnx.load(str(src))
-    if req.precision == "fp16":
-        from .fp16 import to_mixed_fp16
-
-        result = to_mixed_fp16(model, calib.feeds, progress=progress)
-        for keep in result.kept_fp32:
-            progress(f"fp32 kept: {keep.node} ({keep.op_type}): {keep.reason}")
-        out_model, details = result.model, result.details()
-    else:
-        from .int8 import quantize_ort_x86, quantize_trt
-
-        if convention == "tensorrt":
-            result = quantize_trt(model, calib.feeds, progress=progress)
-        else:
-            result = quantize_ort_x86(model, calib.feeds, progress=progress)
-        out_model, details = result.model, result.details()
+    out_model, details = transform_graph(onnx.load(str(src)), req.precision, calib.feeds, convention=convention,
+                                         int8=req.int8_options(), progress=progress)
     onnx.save(out_model, str(dst))
     onnx.checker.check_model(str(dst))
     details.update({"precision": req.precision, "convention": convention, "calibration": calib.describe()})
     return details
 
 
-def range_dict(r: TensorRange) -> dict[str, float]:
-    return {k: float(f"{v:.6g}") for k, v in asdict(r).items()}
+def transform_graph(model, precision: str, calibration: np.ndarray, *, convention: Convention,
+                    int8: Optional["Int8Options"] = None,
+                    progress: Callable[[str], None] = lambda _m: None) -> tuple[Any, dict[str, Any]]:
+    """The precision transform itself, on an in-memory fp32 graph: what ``export`` and ``bench`` share.
+
+    Args:
+        model: fp32 ``onnx.ModelProto``.
+        precision: "fp16" or "int8".
+        calibration: float32 NCHW inputs in the model's input convention.
+        convention: "tensorrt" or "onnxruntime" (INT8 only).
+        int8: TensorRT-convention INT8 options. Defaults to :class:`~.int8.Int8Options` ().
+        progress: one-line progress callback.
+
+    Returns:
+        (transformed model, the manifest details of the transform).
+    """
+    if precision == "fp16":
+        from .fp16 import to_mixed_fp16
+
+        result = to_mixed_fp16(model, calibration, progress=progress)
+        for keep in result.kept_fp32:
+            progress(f"fp32 kept: {keep.node} ({keep.op_type}): {keep.reason}")
+        return result.model, result.details()
+    if precision != "int8":
+        raise BadInput(f"precision {precision} has no graph transform: choose fp16 or int8")
+    from .int8 import Int8Options, quantize_ort_x86, quantize_trt
+
+    if convention == "tensorrt":
+        res = quantize_trt(model, calibration, options=int8 or Int8Options(), progress=progress)
+    else:
+        res = quantize_ort_x86(model, calibration, progress=progress)
+    return res.model, res.details()

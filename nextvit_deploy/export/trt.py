@@ -2,13 +2,17 @@
 
 Steps: deploy-form fp32 ONNX -> precision transform in the graph (TensorRT convention, see
 :mod:`.precision`) -> static TensorRT-parser compatibility check (:mod:`nextvit_deploy.trt_compat`,
-always) -> ``<name>.onnx`` + manifest. With TensorRT and a GPU the engine follows
-(``<name>.engine`` + ``.build.json`` sidecar + manifest). Without TensorRT, :class:`EngineNotBuilt`
-is raised carrying the written ONNX artifact and the equivalent ``trtexec`` command; no engine is
-claimed.
+always) -> ``<name>.onnx`` + manifest. With TensorRT and a GPU the engine follows, built strongly
+typed from that graph (``<name>.engine`` + ``.build.json`` sidecar + manifest). Without TensorRT,
+:class:`EngineNotBuilt` is raised carrying the written ONNX artifact and the equivalent ``trtexec``
+command; no engine is claimed.
+
+INT8 with FP16 regions needs fp16 Q/DQ scales, hence opset >= 19: a lower ``--opset`` is raised to 19
+and the manifest says so (``details.opset_note``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from .._deps import INSTALL_HINTS, require
@@ -24,7 +28,8 @@ def trtexec_for(req: ExportRequest, onnx_path, engine_path) -> str:
 
     return trtexec_command(onnx_path, engine_path, precision=req.precision, batch=req.batch,
                            image_size=req.image_size, workspace_gb=req.workspace_gb, timing_cache=req.timing_cache,
-                           builder_opt_level=req.builder_opt_level, dynamic_batch=req.dynamic_batch)
+                           builder_opt_level=req.builder_opt_level, dynamic_batch=req.dynamic_batch,
+                           device=req.device)
 
 
 def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifact:
@@ -42,6 +47,12 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
     from .onnx import base_artifact, export_fp32_onnx
     from .precision import apply_precision
 
+    opset_note = None
+    if req.effective_opset != req.opset:
+        opset_note = (f"opset raised from {req.opset} to {req.effective_opset}: INT8 with FP16 regions needs "
+                      "float16 Q/DQ scales (QuantizeLinear/DequantizeLinear-19)")
+        progress(opset_note)
+        req = dataclasses.replace(req, opset=req.effective_opset)
     onnx_final = req.output_path(suffix=".onnx")
     engine_final = req.output_path(suffix=".engine")
     trtexec = trtexec_for(req, onnx_final, engine_final)
@@ -53,7 +64,10 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
         compat = require_trt_compat(tmp)
         progress(compat.summary())
         details.update({"trt_compat": compat.to_dict(), "trtexec": trtexec, "engine": None,
-                        "role": "TensorRT-ready ONNX (precision in the graph)"})
+                        "role": "TensorRT-ready ONNX (precision in the graph; built strongly typed)",
+                        "tensorrt_versions": f">= {compat.min_version} (10.x and 11.x, strongly typed)"})
+        if opset_note:
+            details["opset_note"] = opset_note
         onnx_art = base_artifact(req, tmp, details=details, target="trt")
     onnx_art = onnx_art.replace(path=onnx_final)
     onnx_art.save_manifest()
@@ -64,19 +78,16 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
             f"TensorRT is not installed, so no engine was built (the TensorRT-ready ONNX is {onnx_final}); "
             f"install it with: {INSTALL_HINTS['tensorrt']}, or run the trtexec command above on a GPU machine",
             artifact=onnx_art, trtexec=trtexec) from None
-    from ..backends.tensorrt import current_environment
+    from ..backends.tensorrt import BuildOptions, build_engine, current_environment
 
     try:
-        current_environment()
+        current_environment(req.device)
     except MissingDependency as exc:
         raise EngineNotBuilt(str(exc), artifact=onnx_art, trtexec=trtexec) from None
-    from ..backends.tensorrt import BuildOptions, build_engine
-
-    kept = [k["node"] for k in details.get("precision_transform", {}).get("fp32_kept", [])]
     sidecar = build_engine(onnx_final, engine_final, BuildOptions(
         precision=req.precision, batch=req.batch, image_size=req.image_size, workspace_gb=req.workspace_gb,
-        timing_cache=req.timing_cache, builder_opt_level=req.builder_opt_level, fp32_layers=tuple(kept),
-        rebuild_hint=trtexec), progress=progress)
+        timing_cache=req.timing_cache, builder_opt_level=req.builder_opt_level, rebuild_hint=trtexec,
+        device=req.device), progress=progress)
     engine_details = {"onnx": onnx_final.name, "engine": sidecar, "trtexec": trtexec,
                       "precision_transform": details.get("precision_transform"), "trt_compat": compat.to_dict()}
     engine_art = base_artifact(req, engine_final, details=engine_details, target="trt", extra_versions=("tensorrt",))
