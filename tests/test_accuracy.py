@@ -23,10 +23,9 @@ def _bench():
 
 def test_trained_digits_precision_drops():
     bench = _bench()
-    table = bench.run(bench.SHORT, speed_iters=2, log=lambda _m: None)
-    if table.top1["fp32_torch"] < 60.0:
-        pytest.skip(f"the short training reached only {table.top1['fp32_torch']:.1f}% top-1 within its time budget "
-                    f"({table.epochs_run} epochs): machine too slow for a meaningful gate")
+    table = bench.run(bench.SHORT, speed_iters=2, variants=bench.SHORT_VARIANTS, log=lambda _m: None)
+    # fixed epoch count (never cut short by a busy machine): the reference itself must have learned
+    assert table.top1["fp32_torch"] >= 90.0, table.to_dict()
     assert table.drop_pt["fp16_graph"] <= bench.TARGET_DROP_PT["fp16"], table.to_dict()
     assert table.drop_pt["int8_trt"] <= bench.TARGET_DROP_PT["int8"], table.to_dict()
     assert table.drop_pt["int8_ort"] <= bench.TARGET_DROP_PT["int8"], table.to_dict()

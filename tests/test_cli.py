@@ -134,3 +134,30 @@ def test_verify_exit_code_1_on_parity_failure(tmp_path):
     result = run("verify", str(onnx_path))
     assert result.exit_code == 1
     assert "FAIL" in result.stdout and "smallest tolerance that would pass" in result.stdout
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--calib-method", "kl"], r"--calib-method 'kl' is unknown: choose max, percentile, entropy"),
+    (["--int8-float", "bf16"], r"--int8-float 'bf16' is unknown: choose fp16 or fp32"),
+    (["--device", "gpu0"], r"device 'gpu0' is not a CUDA device: use cuda or cuda:N"),
+])
+def test_trt_int8_options_are_validated_before_any_work(tmp_path, args, pattern):
+    out = tmp_path / "out"
+    result = run("export", "--target", "trt", "--precision", "int8", "--out", str(out), *args)
+    assert_user_error(result, pattern, out)
+
+
+def test_verify_engine_without_tensorrt_names_the_install(tmp_path):
+    """An engine built with the printed trtexec command (no manifest of its own) is matched to its ONNX manifest;
+    without TensorRT the verify command then says how to get it, in one line."""
+    from nextvit_deploy.errors import EngineNotBuilt
+    from nextvit_deploy.export import ExportRequest, export
+
+    with pytest.raises(EngineNotBuilt) as info:
+        export(ExportRequest(target="trt", depths=(1, 1, 5, 1), image_size=(64, 64), out_dir=tmp_path))
+    engine = info.value.artifact.path.with_suffix(".engine")
+    engine.write_bytes(b"plan bytes from trtexec")
+    assert_user_error(run("verify", str(engine)), r"tensorrt is needed .* install with: pip install")
+    orphan = tmp_path / "orphan.engine"
+    orphan.write_bytes(b"x")
+    assert_user_error(run("verify", str(orphan)), r"no TensorRT-ready ONNX manifest beside it names it")

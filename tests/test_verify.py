@@ -92,3 +92,38 @@ def test_compare_outputs_gates_on_cosine_and_max_abs():
     assert not flipped.passed and flipped.outputs[0].cosine < 0
     nan = compare_outputs({"y": ref}, {"y": ref * np.nan}, tolerance=tol, case="c")
     assert not nan.passed
+
+
+def test_smallest_passing_tolerance_names_the_cosine_when_cosine_failed():
+    """Issue #9: an INT8 report that failed on cosine printed "smallest atol that would pass: 0.000e+00"."""
+    from nextvit_deploy.parity import TOLERANCES, ParityReport
+    from nextvit_deploy.report import parity_summary
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 1000)).astype(np.float32)
+    cand = ref + 0.35 * rng.standard_normal(ref.shape).astype(np.float32)  # cosine ~0.94, max abs << 50 % of ref
+    case = compare_outputs({"logits": ref}, {"logits": cand}, tolerance=TOLERANCES["int8"], case="photos x4")
+    assert not case.passed and case.outputs[0].failed_gates == ("cosine",)
+    report = ParityReport(artifact="m.onnx", target="trt", precision="int8", reference="ref", candidate="cand",
+                          candidate_device="cpu", tolerance=TOLERANCES["int8"], cases=[case])
+    worst = report.worst()
+    assert worst["failed_gates"] == ["cosine"] and worst["required_min_cosine"] == pytest.approx(case.outputs[0].cosine)
+    line = parity_summary(report)
+    assert line.startswith("FAIL") and "failed on cosine" in line
+    assert f"cosine >= {case.outputs[0].cosine:.7f}" in line and "(gate: cosine >= 0.98)" in line
+
+
+def test_default_calibration_images_are_disjoint_from_verify_photos():
+    """INT8 parity is never measured on the images it was calibrated on."""
+    from nextvit_deploy.data import CALIBRATION_SOURCES, CALIBRATION_VIEWS, SKIMAGE_PHOTOS, calibration_photos, photos
+    from nextvit_deploy.export.precision import calibration_set
+
+    assert not {s.split(":")[1] for s in CALIBRATION_SOURCES if s.startswith("skimage")} & set(SKIMAGE_PHOTOS + ("cat",))
+    cal = calibration_photos(len(CALIBRATION_SOURCES) * len(CALIBRATION_VIEWS), 32)
+    ver = photos(len(SKIMAGE_PHOTOS), 32)
+    assert len({c.tobytes() for c in cal}) == cal.shape[0]  # 64 distinct images
+    dist = ((cal[:, None] - ver[None]) ** 2).mean(axis=(2, 3, 4))
+    assert dist.min() > 1e-3  # no calibration image is (close to) a verify photo
+    cs = calibration_set(image_size=(32, 32), calib_dir=None, calib_images=500, crop_pct=0.95, mean=(0.5,) * 3,
+                         std=(0.5,) * 3)
+    assert cs.feeds.shape[0] == 64 and "verify does not use" in cs.source
