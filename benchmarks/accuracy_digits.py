@@ -116,7 +116,11 @@ class AccuracyTable:
 def _variant_label(key: str) -> str:
     opts = INT8_TRT_VARIANTS[key]
     if not opts:
-        return "export default (entropy, residual Q/DQ, attention fp16, fp16 regions)"
+        from nextvit_deploy.export.int8 import Int8Options
+
+        d = Int8Options()
+        return (f"export default ({d.method}, residual Q/DQ {'on' if d.residual else 'off'}, attention "
+                f"{'int8' if d.attention else d.high_precision}, {d.high_precision} regions)")
     return ", ".join(f"{k}={v}" for k, v in opts.items())
 
 

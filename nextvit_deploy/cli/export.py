@@ -20,7 +20,7 @@ Examples:
 
   nextvit-deploy export --target trt --precision int8 --calib-dir images/ --calib-images 256
 
-  nextvit-deploy export --target trt --precision int8 --calib-method max --int8-float fp32
+  nextvit-deploy export --target trt --precision int8 --calib-method entropy --int8-float fp32
 
   nextvit-deploy export --target coreml --precision fp16 --input-kind image
 """
@@ -41,8 +41,8 @@ def export_cmd(
     simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph (onnxsim, else onnxslim).")] = True,
     calib_dir: Annotated[Optional[Path], typer.Option(help="INT8: folder of calibration images.")] = None,
     calib_images: Annotated[int, typer.Option(help="INT8: use at most this many calibration images.")] = 64,
-    calib_method: Annotated[str, typer.Option(help="INT8 (trt): activation calibration: entropy, max or percentile.")]
-    = "entropy",
+    calib_method: Annotated[str, typer.Option(help="INT8 (trt): activation calibration: max, entropy or percentile.")]
+    = "max",
     int8_float: Annotated[str, typer.Option(help="INT8 (trt): type of the unquantized regions: fp16 (opset >= 19) "
                                                  "or fp32.")] = "fp16",
     quantize_attention: Annotated[bool, typer.Option(help="INT8 (trt): also quantize attention's MatMul -> Softmax "

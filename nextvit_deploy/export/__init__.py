@@ -49,7 +49,7 @@ class ExportRequest:
     class_labels: Optional[Path] = None
     extra: dict[str, Any] = field(default_factory=dict)
     # INT8, TensorRT convention (see export/int8.py Int8Options)
-    calib_method: str = "entropy"
+    calib_method: str = "max"
     int8_attention: bool = False  # also quantize MatMul -> Softmax -> MatMul
     int8_residual: bool = True  # Q/DQ on the skip input of Conv + Add
     int8_high_precision: str = "fp16"  # type of the unquantized regions: fp16 (opset >= 19) or fp32

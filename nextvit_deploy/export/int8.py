@@ -70,8 +70,9 @@ class Int8Options:
     """Choices of the TensorRT-convention INT8 transform.
 
     Attributes:
-        method: activation calibration, one of :data:`CALIBRATION_METHODS`. Defaults to "entropy"
-            (measured best on the trained digits model and on Next-ViT-S; see the README).
+        method: activation calibration, one of :data:`CALIBRATION_METHODS`. Defaults to "max": measured
+            best on the trained digits model (top-1 drop 0.00 pt vs 0.19 for entropy) and on Next-ViT-S
+            (worst verify cosine 0.9886 vs 0.9804 entropy and 0.9635 percentile); see the README.
         percentile: used by ``method="percentile"``. Defaults to 99.99.
         residual: Q/DQ on the skip input of Conv + Add. Defaults to True (ModelOpt, NVIDIA's guide).
         attention: also quantize the MatMul -> Softmax -> MatMul attention. Defaults to False.
@@ -80,7 +81,7 @@ class Int8Options:
         exclude_nodes: node names left unquantized.
     """
 
-    method: CalibrationMethod = "entropy"
+    method: CalibrationMethod = "max"
     percentile: float = 99.99
     residual: bool = True
     attention: bool = False
@@ -400,7 +401,7 @@ def quantize_trt(model, calibration: np.ndarray, *, options: Int8Options = Int8O
     Args:
         model: fp32 ``onnx.ModelProto``; opset >= 13, and >= 19 for ``high_precision="fp16"``.
         calibration: float32 NCHW model inputs for the activation ranges.
-        options: :class:`Int8Options`. Defaults to entropy calibration, residual Q/DQ, attention in
+        options: :class:`Int8Options`. Defaults to max calibration, residual Q/DQ, attention in
             high precision, FP16 regions.
         progress: one-line progress callback. Defaults to silent.
 
