@@ -153,3 +153,26 @@ def test_cli_writes_repository_and_errors_in_one_line(arts, tmp_path):
     help_text = runner.invoke(app, ["triton-repo", "--help"]).output
     for flag in ("--kind", "--instances", "--max-queue-delay-us", "--preferred-batch", "--name", "--out"):
         assert flag in help_text
+
+
+def test_doctor_reports_the_serve_extra():
+    import subprocess
+    import sys
+    import textwrap
+
+    r = CliRunner().invoke(app, ["doctor"])
+    assert r.exit_code == 0 and "serve (Triton)" in r.output
+    code = textwrap.dedent("""
+        import sys, importlib.abc
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] == 'pytriton':
+                    raise ModuleNotFoundError('blocked by test', name=name)
+        sys.meta_path.insert(0, _Block())
+        from nextvit_deploy.cli.doctor import serve_row
+        print(serve_row())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "'missing'" in done.stdout
+    assert "pip install 'nextvit-deploy[serve]' && pip install --no-deps nvidia-pytriton==0.7.0" in done.stdout
