@@ -133,13 +133,16 @@ def artifact(tmp_path_factory) -> Artifact:
 
 
 @pytest.fixture(scope="module")
-def server(artifact) -> Iterator[Served]:
+def server(artifact, tmp_path_factory) -> Iterator[Served]:
     # a long queue delay so that a burst from 8 threads is batched on this small CPU
-    s = Served(artifact.path, "--max-queue-delay-us", "50000", "--threads", "1")
+    log = tmp_path_factory.mktemp("log") / "tritonserver.log"
+    s = Served(artifact.path, "--max-queue-delay-us", "50000", "--threads", "1", "--server-log", str(log))
     yield s
     code = s.stop(signal.SIGTERM)
     assert code == 0, s.proc.stderr.read()[-2000:]
     assert not [p for p in s.tree if alive(p)], "processes left after SIGTERM"
+    text = log.read_text(errors="replace")
+    assert "successfully loaded" in text and "Traceback" not in text, text[-3000:]  # errors are responses, not crashes
 
 
 def _http(server: Served):

@@ -14,7 +14,8 @@ runner (zero-padded up to a static batch, or the artifact's minimum batch) and a
 request that cannot be served (an undecodable image) gets its own error response; the others in the
 batch still get their outputs. Shapes and dtypes are checked by Triton before a request gets here.
 
-Tensors cross the stub boundary through DLPack (``np.from_dlpack`` / ``Tensor.from_dlpack``): the
+Tensors cross the stub boundary through DLPack (``np.from_dlpack`` in, ``Tensor.from_dlpack`` of a
+``torch.from_numpy`` view out): the
 stub shipped with Triton 2.51 was built against NumPy 1, and under NumPy 2 its ``pb_utils.Tensor(name,
 ndarray)`` path returns empty data and ``as_numpy()`` of a BYTES tensor crashes the stub. The DLPack
 path is independent of NumPy's C layout, which is also why encoded images arrive as UINT8, not BYTES.
@@ -52,11 +53,12 @@ class TritonPythonModel:
         for d in json.loads(p.get("site_dirs", "[]")):
             site.addsitedir(d)  # runs .pth files: editable installs live there
         import numpy as np
+        import torch
 
         from nextvit_deploy.artifact import Artifact
         from nextvit_deploy.serve.server import open_artifact_runner
 
-        self.np = np
+        self.np, self.torch = np, torch
         self.mode = p.get("mode", "tensor")
         self.artifact = Artifact.load(p["artifact"])
         threads = int(p["threads"]) if p.get("threads") else None
@@ -131,8 +133,9 @@ class TritonPythonModel:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(errors[i])))
                 continue
             n = a.shape[0]
-            tensors = [pb.Tensor.from_dlpack(name, np.ascontiguousarray(outs[name][start:start + n]).__dlpack__())
-                       for name in self.output_names]
+            # through torch: NumPy's own DLPack capsule is released twice by this stub (it logs a ValueError)
+            rows = {name: np.ascontiguousarray(outs[name][start:start + n]) for name in self.output_names}
+            tensors = [pb.Tensor.from_dlpack(name, self.torch.from_numpy(rows[name])) for name in self.output_names]
             responses.append(pb.InferenceResponse(output_tensors=tensors))
             start += n
         return responses
