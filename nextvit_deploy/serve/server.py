@@ -166,7 +166,9 @@ def open_artifact_runner(artifact: Artifact, *, threads: Optional[int] = None) -
     from ..targets import get_target, load_object
 
     factory = load_object(get_target(artifact.target).runner)
-    kwargs = {"threads": threads} if threads and "threads" in inspect.signature(factory).parameters else {}
+    params = inspect.signature(factory).parameters
+    takes = "threads" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {"threads": threads} if threads and takes else {}
     return factory(artifact, **kwargs)
 
 
