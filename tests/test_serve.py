@@ -300,3 +300,50 @@ def test_errors_before_start_are_one_line(artifact, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "pip install --no-deps nvidia-pytriton==0.7.0" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_triton_repo_preprocessing_model_runs_on_triton(artifact, tmp_path, monkeypatch):
+    """The `<name>_preprocess` step that `triton-repo --image-input` writes, on the real server: it returns
+    exactly what verify's preprocessing computes. (The ensemble's ONNX step needs the onnxruntime backend,
+    which the bundled server lacks; its config is parsed in test_triton_repo.py.)"""
+    import shutil
+
+    import skimage.data
+    import tritonclient.http as httpclient
+    from PIL import Image
+
+    import nextvit_deploy
+    from nextvit_deploy.serve.repo import RepoOptions, write_repository
+    from nextvit_deploy.serve.server import ServeOptions, TritonProcess, _backends_dir, find_tritonserver
+
+    full = tmp_path / "full"
+    write_repository([artifact], full, options=RepoOptions(image_input=True, kind="cpu"))
+    only = tmp_path / "only"
+    only.mkdir()
+    name = next(p.name for p in full.iterdir() if p.name.endswith("_preprocess"))
+    shutil.copytree(full / name, only / name)
+    # as in a container with `pip install --no-deps nextvit-deploy pillow`: the package is importable
+    monkeypatch.setenv("PYTHONPATH", str(Path(nextvit_deploy.__file__).resolve().parent.parent))
+    http, grpc, metrics = free_ports(3)
+    dist = find_tritonserver()
+    server = TritonProcess(dist, only, _backends_dir(dist, tmp_path / "rt"),
+                           ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics), tmp_path / "log.txt")
+    server.start()
+    try:
+        server.wait_ready([name], threading.Event())
+        buf = io.BytesIO()
+        picture = Image.fromarray(skimage.data.coffee())
+        picture.save(buf, "PNG")
+        blob = np.frombuffer(buf.getvalue(), np.uint8)[None]
+        client = httpclient.InferenceServerClient(f"{HOST}:{http}", network_timeout=CLIENT_TIMEOUT_S)
+        inp = httpclient.InferInput("image", list(blob.shape), "UINT8")
+        inp.set_data_from_numpy(blob)
+        got = client.infer(name, [inp]).as_numpy("input")
+        client.close()
+        tree = {server.proc.pid} | children_of(server.proc.pid)
+    finally:
+        server.stop()
+    pre = artifact.preprocessing
+    want = normalize(preprocess_pil(picture, 64, crop_pct=pre["crop_pct"])[None], pre["mean"], pre["std"])
+    assert got.shape == (1, 3, 64, 64) and np.array_equal(got, want)
+    assert not [p for p in tree if alive(p)]

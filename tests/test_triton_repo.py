@@ -176,3 +176,28 @@ def test_doctor_reports_the_serve_extra():
     assert done.returncode == 0, done.stderr
     assert "'missing'" in done.stdout
     assert "pip install 'nextvit-deploy[serve]' && pip install --no-deps nvidia-pytriton==0.7.0" in done.stdout
+
+
+def test_image_input_writes_preprocessing_and_ensemble(arts, tmp_path):
+    pb = _pb()
+    repo = tmp_path / "r"
+    write_repository([arts["dyn"]], repo, options=RepoOptions(image_input=True, kind="cpu"))
+    name = "nextvit_small-onnx-fp32-64"
+    assert sorted(p.name for p in repo.iterdir()) == [name, f"{name}_image", f"{name}_preprocess"]
+    pre = parse((repo / f"{name}_preprocess" / "config.pbtxt").read_text())
+    assert pre.backend == "python" and pre.max_batch_size == 8
+    assert (pre.input[0].name, pre.input[0].data_type, list(pre.input[0].dims), pre.input[0].allow_ragged_batch) == \
+        ("image", pb.TYPE_UINT8, [-1], True)
+    assert (pre.output[0].name, list(pre.output[0].dims)) == ("input", [3, 64, 64])
+    assert pre.parameters["mode"].string_value == "preprocess"
+    assert (repo / f"{name}_preprocess" / "1" / "model.py").is_file()
+    ens = parse((repo / f"{name}_image" / "config.pbtxt").read_text())
+    assert ens.platform == "ensemble" and ens.max_batch_size == 8
+    steps = ens.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == [f"{name}_preprocess", name]
+    assert dict(steps[0].output_map) == {"input": "preprocessed"} and dict(steps[1].input_map) == {"input": "preprocessed"}
+    assert dict(steps[1].output_map) == {"logits": "logits"}
+    assert [(o.name, list(o.dims)) for o in ens.output] == [("logits", [1000])]
+    with pytest.raises(BadInput, match="--image-input needs a dynamic-batch artifact"):
+        write_repository([arts["static"]], tmp_path / "s", options=RepoOptions(image_input=True))
+    assert not (tmp_path / "s").exists()

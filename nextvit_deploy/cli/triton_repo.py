@@ -17,6 +17,8 @@ Examples:
   nextvit-deploy triton-repo build/*.engine build/*.onnx --out model_repository --instances 2
 
   nextvit-deploy triton-repo model.onnx --out repo --kind cpu --max-queue-delay-us 500 --preferred-batch 4,8
+
+  nextvit-deploy triton-repo model.onnx --out repo --image-input   # + preprocessing model and ensemble
 """
 
 
@@ -33,6 +35,9 @@ def triton_repo_cmd(
         help="Dynamic batcher: preferred batch sizes, e.g. 4,8 (inside the artifact's range). "
              "Default: the profile's opt and max.")] = None,
     dynamic_batching: Annotated[bool, typer.Option(help="Add dynamic_batching for dynamic-batch artifacts.")] = True,
+    image_input: Annotated[bool, typer.Option(
+        help="Also write <name>_preprocess (Python backend, encoded image bytes -> tensor) and the ensemble "
+             "<name>_image. The server's Python needs: pip install --no-deps nextvit-deploy pillow")] = False,
 ) -> None:
     """Write a standard Triton model repository: <name>/config.pbtxt and <name>/1/model.onnx or model.plan.
 
@@ -51,10 +56,11 @@ def triton_repo_cmd(
         except ValueError:
             raise BadInput(f"--preferred-batch {preferred_batch!r} is not a list of numbers: use e.g. 4,8") from None
     opts = RepoOptions(instances=instances, kind=kind, max_queue_delay_us=max_queue_delay_us,  # type: ignore[arg-type]
-                       dynamic_batching=dynamic_batching, preferred_batch_sizes=sizes)
+                       dynamic_batching=dynamic_batching, preferred_batch_sizes=sizes, image_input=image_input)
     arts = [Artifact.load(p) for p in artifacts]
     folders = write_repository(arts, out_dir, names=[name] if name else None, options=opts)
     for a, folder in zip(arts, folders):
         batch = f"max_batch_size {a.batch[2]}" if a.dynamic_batch else f"static batch {a.batch[0]} (max_batch_size 0)"
-        out.print(f"{escape(str(folder))}: {escape(a.path.name)}, {batch}", highlight=False)
+        extra = f" (+ {folder.name}_preprocess, {folder.name}_image)" if image_input else ""
+        out.print(f"{escape(str(folder))}: {escape(a.path.name)}, {batch}{extra}", highlight=False)
     out.print(f"serve it with: tritonserver --model-repository {escape(str(out_dir.resolve()))}", highlight=False)

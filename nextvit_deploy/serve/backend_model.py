@@ -4,6 +4,8 @@
 ``parameters`` (artifact path, mode, where the serving interpreter finds its packages). Two modes:
 
 * ``tensor``: input named like the artifact's input, float32 ``[N, 3, H, W]`` (already normalised).
+* ``preprocess``: the ``image`` input below, decoded and preprocessed, returned as the normalised
+  tensor (no runner): the first step of the ensemble ``triton-repo --image-input`` writes.
 * ``image``: input ``image``, UINT8 ``[1, L]``: the bytes of one encoded image file (JPEG/PNG/...),
   ragged-batched (requests of different lengths share a batch), decoded and
   preprocessed here exactly as ``verify``/``eval`` do (:func:`nextvit_deploy.data.preprocess_pil`, then
@@ -14,8 +16,8 @@ runner (zero-padded up to a static batch, or the artifact's minimum batch) and a
 request that cannot be served (an undecodable image) gets its own error response; the others in the
 batch still get their outputs. Shapes and dtypes are checked by Triton before a request gets here.
 
-Tensors cross the stub boundary through DLPack (``np.from_dlpack`` in, ``Tensor.from_dlpack`` of a
-``torch.from_numpy`` view out): the
+Under NumPy 2, tensors cross the stub boundary through DLPack (``np.from_dlpack`` in,
+``Tensor.from_dlpack`` of a ``torch.from_numpy`` view out): the
 stub shipped with Triton 2.51 was built against NumPy 1, and under NumPy 2 its ``pb_utils.Tensor(name,
 ndarray)`` path returns empty data and ``as_numpy()`` of a BYTES tensor crashes the stub. The DLPack
 path is independent of NumPy's C layout, which is also why encoded images arrive as UINT8, not BYTES.
@@ -53,13 +55,20 @@ class TritonPythonModel:
         for d in json.loads(p.get("site_dirs", "[]")):
             site.addsitedir(d)  # runs .pth files: editable installs live there
         import numpy as np
-        import torch
 
+        self.np = np
+        self.mode = p.get("mode", "tensor")
+        self.output_names = [o["name"] for o in config["output"]]
+        if self.mode == "preprocess":  # no runner: decode + preprocess only (ensemble step of triton-repo)
+            self.runner = None
+            self.input_dtype = p.get("dtype", "float32")
+            self.size = (int(p["height"]), int(p["width"]))
+            self.crop_pct = float(p["crop_pct"])
+            self.mean, self.std = json.loads(p["mean"]), json.loads(p["std"])
+            return
         from nextvit_deploy.artifact import Artifact
         from nextvit_deploy.serve.server import open_artifact_runner
 
-        self.np, self.torch = np, torch
-        self.mode = p.get("mode", "tensor")
         self.artifact = Artifact.load(p["artifact"])
         threads = int(p["threads"]) if p.get("threads") else None
         self.runner = open_artifact_runner(self.artifact, threads=threads)
@@ -69,11 +78,20 @@ class TritonPythonModel:
         lo, _, hi = self.artifact.batch
         self.min_batch = lo
         self.static_batch = None if self.artifact.dynamic_batch else lo
-        self.output_names = [o["name"] for o in config["output"]]
         pre = self.artifact.preprocessing
         self.size = self.artifact.image_size
         self.crop_pct = float(pre.get("crop_pct", 0.95))
         self.mean, self.std = pre.get("mean", (0.485, 0.456, 0.406)), pre.get("std", (0.229, 0.224, 0.225))
+
+    def _out_tensor(self, name: str, array: Any) -> Any:
+        """A response tensor. Under NumPy 2 through torch's DLPack: the stub (built against NumPy 1) returns
+        empty data for ``Tensor(name, ndarray)`` and releases NumPy's own DLPack capsule twice."""
+        pb = _pb()
+        if int(self.np.__version__.split(".")[0]) < 2:
+            return pb.Tensor(name, array)
+        import torch
+
+        return pb.Tensor.from_dlpack(name, torch.from_numpy(array))
 
     # requests -> arrays -------------------------------------------------------------------------------
     def _tensor_of(self, request) -> Any:
@@ -116,13 +134,15 @@ class TritonPythonModel:
         errors: dict[int, str] = {}
         for i, r in enumerate(requests):
             try:
-                arrays.append(self._images_of(r) if self.mode == "image" else self._tensor_of(r))
+                arrays.append(self._images_of(r) if self.mode in ("image", "preprocess") else self._tensor_of(r))
             except Exception as exc:  # this request alone fails
                 errors[i] = str(exc)
                 arrays.append(None)
         good = [a for a in arrays if a is not None]
         outs: dict[str, Any] = {}
-        if good:
+        if good and self.mode == "preprocess":
+            outs = {self.output_names[0]: np.ascontiguousarray(np.concatenate(good), dtype=self.input_dtype)}
+        elif good:
             try:
                 outs = self._run(np.concatenate(good))
             except Exception as exc:  # the runner failed: every request of this batch gets the error
@@ -133,9 +153,8 @@ class TritonPythonModel:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(errors[i])))
                 continue
             n = a.shape[0]
-            # through torch: NumPy's own DLPack capsule is released twice by this stub (it logs a ValueError)
-            rows = {name: np.ascontiguousarray(outs[name][start:start + n]) for name in self.output_names}
-            tensors = [pb.Tensor.from_dlpack(name, self.torch.from_numpy(rows[name])) for name in self.output_names]
+            tensors = [self._out_tensor(name, np.ascontiguousarray(outs[name][start:start + n]))
+                       for name in self.output_names]
             responses.append(pb.InferenceResponse(output_tensors=tensors))
             start += n
         return responses

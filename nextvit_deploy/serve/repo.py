@@ -5,6 +5,8 @@ Layout, one folder per artifact (Triton's standard repository)::
     REPO/<name>/config.pbtxt
     REPO/<name>/1/model.onnx                  (platform onnxruntime_onnx)   or  model.plan (tensorrt_plan)
     REPO/<name>/1/model.onnx.manifest.json    the artifact's manifest, so the copy is itself an artifact
+    REPO/<name>_preprocess/, REPO/<name>_image/   with ``image_input``: Python-backend preprocessing of
+                                                  encoded image bytes, and the ensemble preprocess -> model
 
 Batching follows the manifest:
 
@@ -73,6 +75,8 @@ class RepoOptions:
         max_queue_delay_us: how long the dynamic batcher may hold a request to fill a batch (microseconds).
         dynamic_batching: add ``dynamic_batching`` for dynamic-batch artifacts. Defaults to True.
         preferred_batch_sizes: override the preferred sizes (each inside the artifact's batch range).
+        image_input: also write ``<name>_preprocess`` (Python backend: encoded image bytes -> the normalised
+            tensor, the same code as ``verify``) and the ensemble ``<name>_image`` (preprocess -> model).
     """
 
     instances: int = 1
@@ -80,6 +84,7 @@ class RepoOptions:
     max_queue_delay_us: int = 100
     dynamic_batching: bool = True
     preferred_batch_sizes: Optional[tuple[int, ...]] = None
+    image_input: bool = False
 
 
 def model_name_for(artifact: Artifact) -> str:
@@ -198,6 +203,51 @@ def render_config(artifact: Artifact, *, name: str, options: RepoOptions = RepoO
     return "\n".join(lines) + "\n"
 
 
+def _image_models(artifact: Artifact, *, name: str, options: RepoOptions) -> dict[str, str]:
+    """``{model name: config text}`` of the preprocessing model and the ensemble (``--image-input``)."""
+    import json
+
+    if not artifact.dynamic_batch:
+        raise BadInput(f"{artifact.path.name} has a static batch: --image-input needs a dynamic-batch artifact "
+                       f"(re-export with --batch 1:{artifact.batch[0]})")
+    io = model_io(artifact)
+    if len(io.inputs) != 1:
+        raise BadInput(f"{artifact.path.name} has {len(io.inputs)} inputs: --image-input needs exactly one")
+    model_in = io.inputs[0]
+    if model_in.data_type not in ("TYPE_FP32", "TYPE_FP16"):
+        raise BadInput(f"{artifact.path.name} takes {model_in.data_type}, not a float tensor: drop --image-input")
+    hi = artifact.batch[2]
+    pre = artifact.preprocessing
+    h, w = artifact.image_size
+    pre_name, ens_name = f"{name}_preprocess", f"{name}_image"
+    params = {"mode": "preprocess", "height": str(h), "width": str(w), "crop_pct": str(pre.get("crop_pct", 0.95)),
+              "mean": json.dumps(list(pre["mean"])), "std": json.dumps(list(pre["std"])),
+              "dtype": "float16" if model_in.data_type == "TYPE_FP16" else "float32"}
+    param_text = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}'
+                           for k, v in params.items())
+    image_in = (f'input [\n  {{\n    name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1 ]\n'
+                f'    allow_ragged_batch: true\n  }}\n]')
+    preprocess = "\n".join([
+        f'name: "{pre_name}"', 'backend: "python"', f"max_batch_size: {hi}", image_in,
+        f"output {_tensor_block([model_in], drop_batch=True)}",
+        f"dynamic_batching {{\n  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}",
+        f"instance_group [\n  {{\n    count: {options.instances}\n    kind: KIND_CPU\n  }}\n]", param_text]) + "\n"
+    steps = [(pre_name, {"image": "image"}, {model_in.name: "preprocessed"}),
+             (name, {model_in.name: "preprocessed"}, {o.name: o.name for o in io.outputs})]
+
+    def maps(kind: str, m: dict[str, str]) -> str:
+        return " ".join(f'{kind} {{ key: "{k}" value: "{v}" }}' for k, v in m.items())
+
+    step_text = ",\n".join(f'    {{\n      model_name: "{m}"\n      model_version: -1\n      {maps("input_map", i)}\n'
+                           f'      {maps("output_map", o)}\n    }}' for m, i, o in steps)
+    ensemble = "\n".join([
+        f'name: "{ens_name}"', 'platform: "ensemble"', f"max_batch_size: {hi}",
+        'input [\n  {\n    name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1 ]\n  }\n]',
+        f"output {_tensor_block(io.outputs, drop_batch=True)}",
+        f"ensemble_scheduling {{\n  step [\n{step_text}\n  ]\n}}"]) + "\n"
+    return {pre_name: preprocess, ens_name: ensemble}
+
+
 def _write_model(artifact: Artifact, folder: Path, *, name: str, options: RepoOptions) -> None:
     _, filename = _platform(artifact)
     version = folder / "1"
@@ -205,6 +255,12 @@ def _write_model(artifact: Artifact, folder: Path, *, name: str, options: RepoOp
     (folder / "config.pbtxt").write_text(render_config(artifact, name=name, options=options))
     shutil.copy2(artifact.path, version / filename)
     shutil.copy2(artifact.manifest, version / f"{filename}.manifest.json")
+    if options.image_input:
+        for model, text in _image_models(artifact, name=name, options=options).items():
+            (folder.parent / model / "1").mkdir(parents=True)
+            (folder.parent / model / "config.pbtxt").write_text(text)
+            if model.endswith("_preprocess"):
+                shutil.copy2(Path(__file__).with_name("backend_model.py"), folder.parent / model / "1" / "model.py")
 
 
 def write_repository(artifacts: Sequence[Artifact], out: str | Path, *, names: Optional[Sequence[str]] = None,
@@ -231,9 +287,12 @@ def write_repository(artifacts: Sequence[Artifact], out: str | Path, *, names: O
         if not n or _NAME_RE.search(n):
             raise BadInput(f"model name {n!r} may only hold letters, digits, '_', '.' and '-': choose another --name")
         render_config(a, name=n, options=options)
+        if options.image_input:
+            _image_models(a, name=n, options=options)
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out} exists and is not a folder: choose another --out")
-    taken = [n for n in names if (out / n).exists()]
+    folders = [m for n in names for m in ([n, f"{n}_preprocess", f"{n}_image"] if options.image_input else [n])]
+    taken = [n for n in folders if (out / n).exists()]
     if taken:
         raise BadInput(f"{out / taken[0]} already exists: remove it yourself or choose another --out or --name")
     check_writable_dir(out if out.exists() else out.parent)
@@ -246,7 +305,7 @@ def write_repository(artifacts: Sequence[Artifact], out: str | Path, *, names: O
         if not out.exists():
             tmp.rename(out)
             return [out / n for n in names]
-        for n in names:  # into an existing repository: one atomic rename per model folder
+        for n in folders:  # into an existing repository: one atomic rename per model folder
             (tmp / n).rename(out / n)
         return [out / n for n in names]
     finally:
