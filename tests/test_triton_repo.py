@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -155,7 +154,7 @@ def test_cli_writes_repository_and_errors_in_one_line(arts, tmp_path):
     r = runner.invoke(app, ["triton-repo", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "r4")])
     assert r.exit_code == 2 and "does not exist" in r.output
     help_text = runner.invoke(app, ["triton-repo", "--help"]).output
-    for flag in ("--kind", "--instances", "--max-queue-delay-us", "--preferred-batch", "--name", "--out"):
+    for flag in ("--kind", "--instances", "--max-queue-delay-us", "--preferred-batch", "--name", "--out", "--image-input"):
         assert flag in help_text
 
 
