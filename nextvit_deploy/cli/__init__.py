@@ -8,6 +8,10 @@ from .bench import bench
 from .doctor import doctor_cmd
 from .export import EXAMPLES as EXPORT_EXAMPLES
 from .export import export_cmd
+from .serve import EXAMPLES as SERVE_EXAMPLES
+from .serve import serve_cmd
+from .triton_repo import EXAMPLES as TRITON_REPO_EXAMPLES
+from .triton_repo import triton_repo_cmd
 from .verify import verify_cmd
 
 app = typer.Typer(
@@ -21,6 +25,8 @@ app.command("export", epilog=EXPORT_EXAMPLES)(export_cmd)
 app.command("verify")(verify_cmd)
 app.command("doctor")(doctor_cmd)
 app.command("bench", epilog=BENCH_EXAMPLES)(bench)
+app.command("triton-repo", epilog=TRITON_REPO_EXAMPLES)(triton_repo_cmd)
+app.command("serve", epilog=SERVE_EXAMPLES)(serve_cmd)
 
 
 def main() -> None:

@@ -53,12 +53,33 @@ def backend_rows() -> list[tuple[str, str, str]]:
     else:
         rows.append(("coremltools", "partial", f"{ct}; conversion works, Core ML prediction needs macOS "
                      "(verify uses the MIL evaluator here)"))
+    rows.append(serve_row())
     for mod, dist, why in (("onnxsim", "onnxsim", "ONNX simplification"),
                            ("onnxslim", "onnxslim", "fallback ONNX simplification"),
                            ("timm", "timm", "baseline models for bench and the oracle test")):
         v = _version(dist)
         rows.append((mod, "ok" if v else "missing", f"{v} ({why})" if v else f"{INSTALL_HINTS[mod]} ({why})"))
     return rows
+
+
+def serve_row() -> tuple[str, str, str]:
+    """The serve extra: tritonclient plus the tritonserver binary from nvidia-pytriton (checked, not started)."""
+    from ..errors import MissingDependency
+    from ..serve.server import SERVE_INSTALL, find_tritonserver
+
+    name = "serve (Triton)"
+    client = _version("tritonclient")
+    try:
+        dist = find_tritonserver()
+    except MissingDependency as exc:
+        if "nvidia-pytriton" in str(exc):  # the binary is not installed
+            what = "tritonclient and the tritonserver binary are" if client is None else "the tritonserver binary is"
+            return name, "missing", f"{what} not installed; install with: {SERVE_INSTALL}"
+        return name, "missing", str(exc)  # wrong OS / glibc / Python: the message says what to do
+    if client is None:
+        return name, "partial", f"tritonserver found ({dist}); tritonclient missing; install with: {SERVE_INSTALL}"
+    return name, "ok", (f"tritonserver from nvidia-pytriton {_version('nvidia-pytriton')}, tritonclient {client}; "
+                        "serve and triton-repo work")
 
 
 @handle_errors
