@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("fp32", type=Path, help="the fp32 ONNX every quantized graph was made from")
     ap.add_argument("--other", action="append", default=[], help="NAME=PATH of another quantized graph")
     ap.add_argument("--calib-images", type=int, default=16)
+    ap.add_argument("--note", action="append", default=[], help="a line saying how the other graphs were made")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     import onnx
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Q/DQ placement, node by node", "",
              f"fp32 graph: `{args.fp32.name}` ({len(fp32.graph.node)} nodes). `ours` = `export --target trt "
              "--precision int8` placement (the same with FP16 or FP32 regions and every calibration method).", "",
+             *[f"- {n}" for n in args.note], *([""] if args.note else []),
              "| graph | QuantizeLinear | DequantizeLinear |", "| --- | ---: | ---: |"]
     for k, g in graphs.items():
         c = counts(fp32, g)

@@ -49,8 +49,8 @@ GroupNormalization HardSigmoid HardSwish Hardmax Identity If InstanceNormalizati
 LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax LpNormalization LpPool LRN MatMul Max MaxPool
 Mean Min Mish Mod Mul Neg NonZero Not OneHot Or Pad Pow PRelu QuantizeLinear Range Reciprocal ReduceL1
 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare
-Relu Reshape Resize RMSNormalization RotaryEmbedding Round Swish TensorScatter ScatterElements ScatterND Selu Shape Sigmoid Sign
-Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
+Relu Reshape Resize RMSNormalization RotaryEmbedding Round Swish TensorScatter ScatterElements ScatterND Selu
+Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
 ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
 # Quantized-operator forms ONNX Runtime's quantizer can emit; TensorRT has no importer for them.

@@ -243,7 +243,8 @@ def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[
     out = {}
     for n in wanted:
         h = hists.get(n)
-        r = TensorRange(absmax=absmax[n], percentile=absmax[n], tiny_fraction=tiny[n] / nonzero[n] if nonzero[n] else 0.0,
+        r = TensorRange(absmax=absmax[n], percentile=absmax[n],
+                        tiny_fraction=tiny[n] / nonzero[n] if nonzero[n] else 0.0,
                         histogram=h.counts if h else None, bin_width=h.width if h else 0.0)
         if percentile is not None:
             r = dataclasses.replace(r, percentile=r.quantile(percentile))
