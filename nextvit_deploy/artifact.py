@@ -121,21 +121,25 @@ def _broken_link(d: Path) -> bool:
     return d.is_symlink() and not d.exists()
 
 
-def check_writable_dir(directory: str | Path) -> Path:
-    """Create ``directory`` if needed and check it can be written, with a one-line error otherwise."""
+def check_writable_dir(directory: str | Path, *, flag: Optional[str] = "--out") -> Path:
+    """Create ``directory`` if needed and check it can be written, with a one-line error otherwise.
+
+    ``flag`` is the option the user can change (named in the message); None says "another folder".
+    """
     d = Path(directory)
+    fix = f"choose another {flag}" if flag else "choose another folder"
     if _broken_link(d):
-        raise BadInput(f"output directory {d} is a broken or looping symlink: remove it or choose another --out")
+        raise BadInput(f"output directory {d} is a broken or looping symlink: remove it or {fix}")
     try:
         d.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise BadInput(f"output directory {d} is a file, not a folder: choose another --out") from None
+        raise BadInput(f"output directory {d} is a file, not a folder: {fix}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise BadInput(f"output directory {d} goes through a symlink loop: choose another --out") from None
-        raise BadInput(f"output directory {d} cannot be created ({exc.strerror}): choose another with --out") from None
+            raise BadInput(f"output directory {d} goes through a symlink loop: {fix}") from None
+        raise BadInput(f"output directory {d} cannot be created ({exc.strerror}): {fix}") from None
     if not d.is_dir() or not os.access(d, os.W_OK | os.X_OK):
-        raise BadInput(f"output directory {d} is not writable: choose another with --out")
+        raise BadInput(f"output directory {d} is not writable: {fix}")
     return d
 
 
@@ -217,7 +221,7 @@ def _refuse_kind_change(final: Path, kind: Kind) -> None:
         raise BadInput(f"{final} is a folder; refusing to replace it with a file: "
                        f"pass a file path such as {final / 'result.json'}")
     if kind == "dir" and final.exists() and not final.is_dir():
-        raise BadInput(f"{final} is a file; refusing to replace it with a folder: move it away or choose another --out")
+        raise BadInput(f"{final} is a file; refusing to replace it with a folder: move it away or write elsewhere")
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -237,7 +241,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 def _disk_error(exc: OSError, final: Path) -> BadInput:
     return BadInput(f"cannot write {final} ({exc.strerror or type(exc).__name__}): "
-                    "free some space or choose another --out")
+                    "free some space or write to another folder")
 
 
 @contextlib.contextmanager
@@ -253,7 +257,7 @@ def atomic_path(final: str | Path, *, kind: Kind = "file") -> Iterator[Path]:
         BadInput: ``final`` is of the other kind, its folder cannot be written, or the disk is full.
     """
     final = Path(final)
-    check_writable_dir(final.parent)
+    check_writable_dir(final.parent, flag=None)
     _refuse_kind_change(final, kind)
     clean_stale_temps(final)
     tmp = temp_name(final)

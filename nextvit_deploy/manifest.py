@@ -16,7 +16,7 @@ from .errors import ArtifactError
 
 __all__ = ["MAX_CLASSES", "validate_fields", "check_onnx_contents", "graph_precision"]
 
-MAX_CLASSES = 100_000  # a classifier head wider than this is a corrupt or hostile file, not a model
+from nextvit_model.checkpoint import MAX_CLASSES  # noqa: E402  (the model package owns the cap)
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}
 

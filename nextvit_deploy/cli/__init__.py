@@ -1,27 +1,28 @@
-"""The ``nextvit-deploy`` command line. This file only wires commands; each lives in its own module."""
+"""The ``nextvit-deploy`` command line. The app is wired in :mod:`.app`; this module stays import-light
+so that :func:`main` is running before typer, rich or torch are imported, and a Ctrl-C at any moment,
+imports included, ends with one line and exit code 130."""
 from __future__ import annotations
 
-import typer
+import sys
+from typing import Any
 
-from .bench import EXAMPLES as BENCH_EXAMPLES
-from .bench import bench
-from .doctor import doctor_cmd
-from .export import EXAMPLES as EXPORT_EXAMPLES
-from .export import export_cmd
-from .verify import verify_cmd
-
-app = typer.Typer(
-    name="nextvit-deploy",
-    help="Next-ViT from PyTorch to ONNX, TensorRT and Core ML: export, verify parity, measure latency.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.command("export", epilog=EXPORT_EXAMPLES)(export_cmd)
-app.command("verify")(verify_cmd)
-app.command("doctor")(doctor_cmd)
-app.command("bench", epilog=BENCH_EXAMPLES)(bench)
+__all__ = ["app", "main"]
 
 
 def main() -> None:
-    app()
+    """Entry point of the ``nextvit-deploy`` script."""
+    try:
+        from ._app import app
+
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; no artifact was written\n")
+        sys.exit(130)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from ._app import app
+
+        return app
+    raise AttributeError(name)
