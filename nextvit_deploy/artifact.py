@@ -152,20 +152,22 @@ def check_creatable_dir(directory: str | Path, *, flag: str = "--out") -> Path:
     probe = d
     while True:
         if _broken_link(probe):
-            raise BadInput(f"{flag} {d}: {probe} is a broken or looping symlink; remove it or choose another {flag}")
+            raise BadInput(f"output directory {d} cannot be created ({probe} is a broken or looping symlink): "
+                           f"remove it or choose another {flag}")
         try:
             exists = probe.exists()
         except OSError as exc:  # ELOOP and friends
-            raise BadInput(f"{flag} {d} cannot be used ({exc.strerror}): choose another {flag}") from None
+            raise BadInput(f"output directory {d} cannot be created ({exc.strerror}): choose another {flag}") from None
         if exists:
             break
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise BadInput(f"{flag} {d}: {probe} is a file, not a folder; choose another {flag}")
+        raise BadInput(f"output directory {d} cannot be created ({probe} is a file, not a folder): "
+                       f"choose another {flag}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInput(f"{flag} {d} is not writable ({probe} is read-only for you): choose another {flag}")
+        raise BadInput(f"output directory {d} is not writable ({probe} is read-only for you): choose another {flag}")
     return d
 
 

@@ -171,8 +171,10 @@ def validate_request(req: ExportRequest) -> ExportRequest:
         raise BadInput(f"--workspace-gb must be above 0 and at most {MAX_WORKSPACE_GB:g}, got {req.workspace_gb:g}")
     if req.builder_opt_level not in OPT_LEVELS:
         raise BadInput(f"--opt-level must be 0 to 5, got {req.builder_opt_level}")
-    if not 1 <= req.calib_images <= MAX_CALIB_IMAGES:
-        raise BadInput(f"--calib-images must be 1 to {MAX_CALIB_IMAGES}, got {req.calib_images}")
+    if req.calib_images < 1:
+        raise BadInput(f"--calib-images must be at least 1, got {req.calib_images}")
+    if req.calib_images > MAX_CALIB_IMAGES:
+        raise BadInput(f"--calib-images must be at most {MAX_CALIB_IMAGES}, got {req.calib_images}")
     if req.input_kind not in ("tensor", "image"):
         raise BadInput(f"--input-kind must be 'tensor' or 'image', got {req.input_kind!r}")
     if req.input_kind == "image" and req.target != "coreml":
