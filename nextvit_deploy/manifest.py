@@ -8,6 +8,7 @@ loosen a parity gate (an "int8" manifest on a graph without Q/DQ nodes is an err
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +32,7 @@ def _ints(v: Any, n: int) -> bool:
 
 def _numbers(v: Any, n: int) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == n and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
 
 
 def validate_fields(raw: Mapping[str, Any], where: Path) -> None:
@@ -50,6 +51,9 @@ def validate_fields(raw: Mapping[str, Any], where: Path) -> None:
         if key not in raw:
             raise bad(key, "is missing")
     target, precision, variant = raw["target"], raw["precision"], raw["variant"]
+    for key in ("target", "precision", "variant"):
+        if not isinstance(raw[key], str):
+            raise bad(key, f"{raw[key]!r} is not a name")
     if target not in TARGETS:
         raise bad("target", f"{target!r} is not one of {', '.join(TARGETS)}")
     if precision not in TARGETS[target].precisions:
@@ -83,7 +87,7 @@ def validate_fields(raw: Mapping[str, Any], where: Path) -> None:
     if not _numbers(pre.get("std"), 3) or min(pre["std"]) <= 0:
         raise bad("preprocessing.std", f"{pre.get('std')!r} is not 3 positive numbers")
     crop = pre.get("crop_pct", 0.95)
-    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
+    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:  # NaN fails too
         raise bad("preprocessing.crop_pct", f"{crop!r} is not in (0, 1]")
     if pre.get("input_kind", "tensor") not in ("tensor", "image"):
         raise bad("preprocessing.input_kind", f"{pre.get('input_kind')!r} is not 'tensor' or 'image'")
@@ -108,6 +112,14 @@ def validate_fields(raw: Mapping[str, Any], where: Path) -> None:
     for key in ("versions", "details"):
         if not isinstance(raw.get(key, {}), dict):
             raise bad(key, "is not an object")
+    sha = raw.get("checkpoint_sha256")
+    if sha is not None and (not isinstance(sha, str) or not _SHA.match(sha)):
+        raise bad("checkpoint_sha256", "is not a sha256 hex digest")
+    if not isinstance(raw.get("created_utc", ""), str):
+        raise bad("created_utc", f"{raw.get('created_utc')!r} is not a timestamp")
+    interp = pre.get("interpolation", "bicubic")
+    if not isinstance(interp, str):
+        raise bad("preprocessing.interpolation", f"{interp!r} is not a name")
 
 
 def graph_precision(model_proto) -> str:
