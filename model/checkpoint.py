@@ -26,7 +26,8 @@ import torch
 
 from .nextvit import VARIANTS, NextViT, VariantCfg
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "read_checkpoint", "remap_state_dict", "load_into", "MAX_CLASSES"]
+__all__ = ["CheckpointError", "LoadedCheckpoint", "read_checkpoint", "remap_state_dict", "load_into", "MAX_CLASSES",
+           "check_finite"]
 
 MAX_CLASSES = 100_000  # a wider head is a corrupt or hostile file (an expanded tensor can claim 1e9 rows)
 
@@ -157,10 +158,25 @@ def remap_state_dict(state: dict[str, torch.Tensor], *, path: Path = Path("<stat
         has_out_norms=any(k.startswith("out_norms.") for k in mapped))
 
 
+_FINITE_CHECK_MAX = 1 << 27  # larger tensors cannot be Next-ViT weights (load_into refuses their shape)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Refuse NaN/Inf weights, naming the first tensor that holds them."""
+    for key, value in state.items():
+        if value.is_floating_point() and value.numel() <= _FINITE_CHECK_MAX and not bool(torch.isfinite(value).all()):
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise CheckpointError(f"{source} has non-finite weights in {key} ({nan} NaN, {inf} Inf values): "
+                                  "export refuses them; fix the checkpoint or re-train")
+
+
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Load ``path`` safely (``weights_only=True``) and remap it to this package's key layout."""
+    """Load ``path`` safely (``weights_only=True``), remap it to this package's key layout and refuse
+    NaN/Inf weights."""
     path = Path(path)
-    return remap_state_dict(_unwrap(_torch_load(path), path), path=path)
+    ckpt = remap_state_dict(_unwrap(_torch_load(path), path), path=path)
+    check_finite(ckpt.state_dict, source=f"checkpoint {path}")
+    return ckpt
 
 
 def load_into(model: NextViT, ckpt: LoadedCheckpoint, *, variant: str, source: str = "checkpoint") -> None:
@@ -191,9 +207,5 @@ def load_into(model: NextViT, ckpt: LoadedCheckpoint, *, variant: str, source: s
     if bad:
         raise CheckpointError(
             f"{source} has {len(bad)} tensors of the wrong shape for {variant} (e.g. {'; '.join(bad[:3])})")
-    for key, value in incoming.items():  # shapes match the model now, so this check is bounded in size
-        if key in own and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
-            raise CheckpointError(f"{source} has non-finite weights in {key} ({nan} NaN, {inf} Inf values): "
-                                  "export refuses them; fix the checkpoint or re-train")
+    check_finite({k: v for k, v in incoming.items() if k in own}, source=source)  # also for in-memory dicts
     model.load_state_dict({k: v for k, v in incoming.items() if k in own}, strict=False)

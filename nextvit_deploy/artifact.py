@@ -362,22 +362,39 @@ def publishing(final: str | Path, *, kind: Kind = "file") -> Iterator[Stage]:
     docstring for the order). Anything not published is removed when the block exits.
     """
     final = Path(final)
+    created = _missing_ancestors(final.parent)
     check_writable_dir(final.parent)
     _refuse_kind_change(final, kind)
-    with artifact_lock(final):
-        clean_stale_temps(final)
-        clean_stale_temps(manifest_path(final))
-        stage = Stage(final=final, path=temp_name(final))
-        try:
-            yield stage
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise _disk_error(exc, final) from None
-            raise
-        finally:
-            _remove(stage.path)
-            if stage._manifest_tmp is not None:
-                _remove(stage._manifest_tmp)
+    stage: Optional[Stage] = None
+    try:
+        with artifact_lock(final):
+            clean_stale_temps(final)
+            clean_stale_temps(manifest_path(final))
+            stage = Stage(final=final, path=temp_name(final))
+            try:
+                yield stage
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise _disk_error(exc, final) from None
+                raise
+            finally:
+                _remove(stage.path)
+                if stage._manifest_tmp is not None:
+                    _remove(stage._manifest_tmp)
+    finally:
+        if stage is None or not stage.published:
+            for d in created:  # folders this export made, deepest first, if nothing else went into them
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def _missing_ancestors(d: Path) -> list[Path]:
+    """The folders ``mkdir -p d`` would create, deepest first."""
+    out = []
+    while not (d.exists() or d.is_symlink()) and d.parent != d:
+        out.append(d)
+        d = d.parent
+    return out
 
 
 def read_manifest(artifact_path: str | Path) -> Optional[dict[str, Any]]:
@@ -468,9 +485,10 @@ class Artifact:
         unknown = sorted(set(raw) - names)
         if unknown:
             raise ArtifactError(f"manifest {m} is malformed (unknown fields {unknown}): re-export the artifact")
-        from .manifest import validate_fields
+        from .manifest import check_suffix, validate_fields
 
         validate_fields(raw, m)
+        check_suffix(raw["target"], p)
         raw["path"] = p
         for key in ("input_shape", "batch", "output_names", "depths"):
             if raw.get(key) is not None:

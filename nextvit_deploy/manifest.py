@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from .errors import ArtifactError
 
-__all__ = ["MAX_CLASSES", "validate_fields", "check_onnx_contents", "graph_precision"]
+__all__ = ["MAX_CLASSES", "validate_fields", "check_suffix", "check_onnx_contents", "graph_precision"]
 
 from nextvit_model.checkpoint import MAX_CLASSES  # noqa: E402  (the model package owns the cap)
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -120,6 +120,16 @@ def validate_fields(raw: Mapping[str, Any], where: Path) -> None:
     interp = pre.get("interpolation", "bicubic")
     if not isinstance(interp, str):
         raise bad("preprocessing.interpolation", f"{interp!r} is not a name")
+
+
+def check_suffix(target: str, path: Path) -> None:
+    """The artifact's file type must be the manifest target's (a TensorRT manifest may describe its ONNX)."""
+    from .targets import TARGETS
+
+    want = TARGETS[target].suffix
+    if path.suffix != want and not (target == "trt" and path.suffix == ".onnx"):
+        raise ArtifactError(f"manifest of {path.name} says target {target}, whose artifacts end in {want}: "
+                            "re-export the artifact")
 
 
 def graph_precision(model_proto) -> str:

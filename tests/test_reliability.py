@@ -170,6 +170,15 @@ def test_4_publish_writes_the_manifest_last_and_both_together(tmp_path, small_on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx", "x.onnx.manifest.json"]
 
 
+def test_4_a_failed_export_removes_the_folders_it_made_and_nothing_else(tmp_path):
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        with publishing(tmp_path / "keep" / "a" / "b" / "m.onnx") as stage:
+            stage.path.write_bytes(b"half")
+            raise RuntimeError("exporter failed")
+    assert [p.name for p in tmp_path.rglob("*")] == ["keep"]
+
+
 def test_4_another_seed_does_not_overwrite_without_force(tmp_path):
     name = "nextvit_small-onnx-fp32-224.onnx"
     _fake_artifact(tmp_path, name, seed=0)
@@ -361,7 +370,9 @@ def test_9_nan_weights_are_refused_naming_the_tensor(tmp_path):
     torch.save(state, ckpt)
     with pytest.raises(CheckpointMismatch, match=rf"non-finite weights in {re.escape(key)} \(1 NaN, 2 Inf values\)"):
         export(ExportRequest(image_size=(64, 64), out_dir=tmp_path / "o", depths=SMALL_DEPTHS, checkpoint=ckpt))
-    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+    assert not (tmp_path / "o").exists()
+    # refused while validating, before any progress line: the CLI prints exactly one line
+    one_line_error(run("export", "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)), r"non-finite weights in")
 
 
 # 10. Ctrl-C during imports, bench options, early calibration checks, usage errors ---------------

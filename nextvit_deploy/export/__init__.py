@@ -176,7 +176,7 @@ def validate_request(req: ExportRequest) -> ExportRequest:
     if req.calib_images > MAX_CALIB_IMAGES:
         raise BadInput(f"--calib-images must be at most {MAX_CALIB_IMAGES}, got {req.calib_images}")
     if req.input_kind not in ("tensor", "image"):
-        raise BadInput(f"--input-kind must be 'tensor' or 'image', got {req.input_kind!r}")
+        raise BadInput(f"--input-kind {req.input_kind!r} is not supported: choose one of tensor, image")
     if req.input_kind == "image" and req.target != "coreml":
         raise BadInput(f"--input-kind image applies only to --target coreml; {req.target} inputs are normalised "
                        "tensors: drop --input-kind")
