@@ -614,7 +614,7 @@ def run_case(case: Case, d: Path, outside: Path) -> Outcome:
         o.problems.append("traceback")
     if "internal error" in text:
         o.problems.append("internal error")
-    if o.rc == 2:
+    if o.rc in (2, 130):
         if len(lines) != 1:
             o.problems.append(f"{len(lines)} stderr lines")
         if case.contains and case.contains not in o.stderr:
