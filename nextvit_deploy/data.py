@@ -202,7 +202,9 @@ class ImageStream:
     """Preprocessed images of a folder, decoded one at a time (see :func:`iter_image_dir`).
 
     Iterating yields ``(image, path)`` with ``image`` float32 CHW in [0, 1]; files that cannot be used are
-    appended to ``skipped`` with the reason, and ``used`` lists the files yielded so far.
+    appended to ``skipped`` with the reason, and ``used`` lists the files yielded so far. Each iteration
+    is a fresh pass over the folder (``used``/``skipped`` start again), so calibration may take several
+    passes while holding one image (or one :meth:`batches` batch) in memory.
     """
 
     directory: Path
@@ -214,6 +216,7 @@ class ImageStream:
     used: list[Path] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, Path]]:
+        self.used, self.skipped = [], []
         for f in self.files:
             if self.limit is not None and len(self.used) >= self.limit:
                 return
@@ -224,6 +227,17 @@ class ImageStream:
                 continue
             self.used.append(f)
             yield preprocess_pil(image, self.size, crop_pct=self.crop_pct), f
+
+    def batches(self, batch: int) -> Iterator[np.ndarray]:
+        """One pass as float32 NCHW arrays of ``batch`` images (the last one may be smaller)."""
+        chunk: list[np.ndarray] = []
+        for image, _ in self:
+            chunk.append(image)
+            if len(chunk) == batch:
+                yield np.stack(chunk)
+                chunk = []
+        if chunk:
+            yield np.stack(chunk)
 
     def summary(self) -> str:
         """One line: how many images were used and which were skipped, e.g. for a manifest or a warning."""

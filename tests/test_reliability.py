@@ -179,6 +179,23 @@ def test_4_a_failed_export_removes_the_folders_it_made_and_nothing_else(tmp_path
     assert [p.name for p in tmp_path.rglob("*")] == ["keep"]
 
 
+def test_4_a_package_folder_replaces_the_previous_package(tmp_path):
+    final = tmp_path / "m.mlpackage"
+    (final / "Data").mkdir(parents=True)
+    (final / "Data" / "old.bin").write_bytes(b"old")
+    with publishing(final, kind="dir") as stage:
+        (stage.path / "Data").mkdir(parents=True)
+        (stage.path / "Data" / "new.bin").write_bytes(b"new")
+        stage.publish(Artifact(path=final, target="coreml", precision="fp32", variant="nextvit_small",
+                               input_shape=(1, 3, 64, 64), batch=(1, 1, 1), dynamic_batch=False,
+                               features_only=False, input_name="input", output_names=("logits",),
+                               preprocessing={"mean": [0.5] * 3, "std": [0.2] * 3}, sha256=sha256_path(stage.path),
+                               seed=0))
+    assert [p.name for p in (final / "Data").iterdir()] == ["new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage", "m.mlpackage.manifest.json"]
+    assert Artifact.load(final).sha256 == sha256_path(final)
+
+
 def test_4_another_seed_does_not_overwrite_without_force(tmp_path):
     name = "nextvit_small-onnx-fp32-224.onnx"
     _fake_artifact(tmp_path, name, seed=0)
@@ -260,6 +277,18 @@ def test_5_decompression_bomb_and_strip_are_skipped_with_reasons(tmp_path):
     reasons = {s.path.name: s.reason for s in stream.skipped}
     assert "decompression-bomb guard" in reasons["bomb.png"] and "aspect ratio beyond 20:1" in reasons["strip.png"]
     assert "2 skipped (bomb.png:" in stream.summary()
+
+
+def test_5_calibration_streams_in_batches_and_repeats_passes(tmp_path):
+    for i in range(5):
+        Image.new("RGB", (40, 30), (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    stream = iter_image_dir(tmp_path, 32, limit=4)
+    shapes = [b.shape for b in stream.batches(3)]
+    assert shapes == [(3, 3, 32, 32), (1, 3, 32, 32)]
+    assert [p.name for p in stream.used] == ["0.png", "1.png", "2.png", "3.png"]
+    assert sum(b.shape[0] for b in stream.batches(3)) == 4 and len(stream.used) == 4  # a second pass
+    assert [s.path.name for s in stream.skipped] == []  # bad.jpg sorts after the 4 images used
 
 
 # 6. bad values ------------------------------------------------------------------------------------
