@@ -463,7 +463,13 @@ class Artifact:
 
     @classmethod
     def load(cls, path: str | Path, *, check_sha: bool = True) -> "Artifact":
-        """Read the artifact at ``path`` from its manifest, checking that the file is the one described."""
+        """Read the artifact at ``path`` from its manifest, checking that the file is the one described.
+
+        Checks, each a one-line :class:`ArtifactError`: the manifest is JSON with known, well-typed fields
+        (:func:`~nextvit_deploy.manifest.validate_fields`), its target matches the file type, the sha256
+        matches, and for ONNX files the graph agrees with the manifest on names, input shape, class
+        count and precision (:func:`~nextvit_deploy.manifest.check_onnx_contents`).
+        """
         p = Path(path)
         if p.name.endswith(MANIFEST_SUFFIX):
             p = p.with_name(p.name[: -len(MANIFEST_SUFFIX)])
