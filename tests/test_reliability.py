@@ -416,6 +416,24 @@ def test_10_ctrl_c_during_imports_is_one_line_and_130(tmp_path):
     assert proc.stderr.strip().splitlines() == ["interrupted; no artifact was written"]
 
 
+def test_10_ctrl_c_inside_a_native_import_is_deferred_until_it_finishes(tmp_path):
+    """Ctrl-C while torch._C initialises crashed CPython (SystemError, SIGSEGV); now the import finishes first.
+
+    The stand-in ``onnx`` module presses Ctrl-C on itself, then records that its import ran to the end.
+    """
+    (tmp_path / "onnx").mkdir()
+    done = tmp_path / "import-finished"
+    (tmp_path / "onnx" / "__init__.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+        f"open({str(done)!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", "from nextvit_deploy.cli import main; main()", "export"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["interrupted; no artifact was written"]
+    assert done.exists()
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["--models", ""], r"--models is empty: name at least one"),
     (["--backends", " , "], r"--backends is empty"),
