@@ -427,8 +427,12 @@ def test_10_ctrl_c_inside_a_native_import_is_deferred_until_it_finishes(tmp_path
         "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
         f"open({str(done)!r}, 'w').close()\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    import signal
+
+    # a test run started in the background of a shell inherits SIGINT ignored: give the child a terminal's
     proc = subprocess.run([sys.executable, "-c", "from nextvit_deploy.cli import main; main()", "export"],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == ["interrupted; no artifact was written"]
     assert done.exists()
