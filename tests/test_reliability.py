@@ -299,6 +299,7 @@ def test_5_calibration_streams_in_batches_and_repeats_passes(tmp_path):
     (["--target", "trt", "--opt-level", "9"], r"--opt-level must be 0 to 5, got 9"),
     (["--opset", "99"], r"--opset 99 is not supported by the installed torch exporter: use 13 to \d+"),
     (["--opset", "7"], r"--opset 7 is not supported"),
+    (["--target", "trt", "--timing-cache", "."], r"--timing-cache \. is a folder: pass a file path"),
 ])
 def test_6_bad_values_fail_before_any_work(tmp_path, args, pattern):
     out = tmp_path / "o"

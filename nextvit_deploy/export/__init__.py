@@ -169,6 +169,9 @@ def validate_request(req: ExportRequest) -> ExportRequest:
             raise BadInput(f"--opset {req.opset} is not supported by the installed torch exporter: use {lo} to {hi}")
     if not math.isfinite(req.workspace_gb) or not 0 < req.workspace_gb <= MAX_WORKSPACE_GB:
         raise BadInput(f"--workspace-gb must be above 0 and at most {MAX_WORKSPACE_GB:g}, got {req.workspace_gb:g}")
+    if req.timing_cache is not None and Path(req.timing_cache).is_dir():
+        raise BadInput(f"--timing-cache {req.timing_cache} is a folder: pass a file path such as "
+                       f"{Path(req.timing_cache) / 'timing.cache'}")
     if req.builder_opt_level not in OPT_LEVELS:
         raise BadInput(f"--opt-level must be 0 to 5, got {req.builder_opt_level}")
     if req.calib_images < 1:
