@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ import torch
 
 from .nextvit import VARIANTS, NextViT, VariantCfg
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "read_checkpoint", "remap_state_dict", "load_into"]
+__all__ = ["CheckpointError", "LoadedCheckpoint", "read_checkpoint", "remap_state_dict", "load_into", "MAX_CLASSES",
+           "check_finite"]
+
+MAX_CLASSES = 100_000  # a wider head is a corrupt or hostile file (an expanded tensor can claim 1e9 rows)
 
 Layout = Literal["timm", "official", "official-backbone"]
 _SHOW = 5  # how many offending keys an error lists
@@ -48,7 +52,9 @@ def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses globals outside its allow-list (e.g. os.system in a __reduce__ payload)
         # and also fails on bytes that are not a pickle at all: tell the two apart by the message.
@@ -143,16 +149,34 @@ def remap_state_dict(state: dict[str, torch.Tensor], *, path: Path = Path("<stat
         cfg = next((c for c in VARIANTS.values() if depth3 and c.depths[2] == max(depth3) + 1), None)
         variant = cfg.name if cfg else None
     head = mapped.get("head.fc.weight")
+    if head is not None and (head.dim() != 2 or not 1 <= head.shape[0] <= MAX_CLASSES):
+        raise CheckpointError(f"checkpoint {path} has a classifier head of shape {tuple(head.shape)}; expected "
+                              f"(classes, features) with 1 to {MAX_CLASSES} classes: the file is corrupt")
     return LoadedCheckpoint(
         state_dict=mapped, layout=layout, variant=variant,
         num_classes=int(head.shape[0]) if head is not None else None,
         has_out_norms=any(k.startswith("out_norms.") for k in mapped))
 
 
+_FINITE_CHECK_MAX = 1 << 27  # larger tensors cannot be Next-ViT weights (load_into refuses their shape)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Refuse NaN/Inf weights, naming the first tensor that holds them."""
+    for key, value in state.items():
+        if value.is_floating_point() and value.numel() <= _FINITE_CHECK_MAX and not bool(torch.isfinite(value).all()):
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise CheckpointError(f"{source} has non-finite weights in {key} ({nan} NaN, {inf} Inf values): "
+                                  "export refuses them; fix the checkpoint or re-train")
+
+
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Load ``path`` safely (``weights_only=True``) and remap it to this package's key layout."""
+    """Load ``path`` safely (``weights_only=True``), remap it to this package's key layout and refuse
+    NaN/Inf weights."""
     path = Path(path)
-    return remap_state_dict(_unwrap(_torch_load(path), path), path=path)
+    ckpt = remap_state_dict(_unwrap(_torch_load(path), path), path=path)
+    check_finite(ckpt.state_dict, source=f"checkpoint {path}")
+    return ckpt
 
 
 def load_into(model: NextViT, ckpt: LoadedCheckpoint, *, variant: str, source: str = "checkpoint") -> None:
@@ -183,4 +207,5 @@ def load_into(model: NextViT, ckpt: LoadedCheckpoint, *, variant: str, source: s
     if bad:
         raise CheckpointError(
             f"{source} has {len(bad)} tensors of the wrong shape for {variant} (e.g. {'; '.join(bad[:3])})")
+    check_finite({k: v for k, v in incoming.items() if k in own}, source=source)  # also for in-memory dicts
     model.load_state_dict({k: v for k, v in incoming.items() if k in own}, strict=False)

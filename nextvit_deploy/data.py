@@ -9,8 +9,10 @@ same pixels can feed a runner that normalises inside the model (CoreML image inp
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -24,13 +26,24 @@ __all__ = [
     "noise_images",
     "preprocess_pil",
     "load_image_dir",
+    "iter_image_dir",
+    "scan_image_dir",
+    "open_rgb",
+    "ImageStream",
+    "Skipped",
     "normalize",
+    "MAX_IMAGE_PIXELS",
+    "MAX_ASPECT",
+    "RECOMMENDED_CALIB_IMAGES",
 ]
 
 # RGB or grey photos bundled with scikit-image (no download): name -> loader attribute.
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "colorwheel", "camera", "coins", "brick", "grass", "gravel")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 64_000_000  # 8000x8000: anything larger is refused before decoding (decompression bombs)
+MAX_ASPECT = 20.0  # a 60000x1 strip is not a photo; centre-cropping it would allocate a huge resize
+RECOMMENDED_CALIB_IMAGES = 32
 # Calibration photos, disjoint from SKIMAGE_PHOTOS (which `verify` gates on): scikit-learn's two sample
 # photos and the scikit-image photos that `verify` does not use ("cat" is "chelsea" again, so it is left out).
 CALIBRATION_SOURCES = ("sklearn:china.jpg", "sklearn:flower.jpg", "skimage:retina", "skimage:stereo_motorcycle:0",
@@ -135,15 +148,22 @@ def normalize(images01: np.ndarray, mean: Sequence[float], std: Sequence[float])
     return ((images01 - m) / s).astype(np.float32)
 
 
-def load_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: Optional[int] = None,
-                   crop_pct: float = 0.95) -> tuple[np.ndarray, list[Path]]:
-    """Load and preprocess the images of ``directory`` (sorted, recursive) as float32 NCHW in [0, 1].
+@dataclass(frozen=True)
+class Skipped:
+    """A file of an image folder that was not used, and why."""
 
-    Raises:
-        BadInput: the folder is missing or holds no image, or a file cannot be decoded (the error names it).
-    """
-    from PIL import Image, UnidentifiedImageError
+    path: Path
+    reason: str
 
+    def __str__(self) -> str:
+        return f"{self.path.name}: {self.reason}"
+
+
+class _Unusable(Exception):
+    pass
+
+
+def _folder_files(directory: str | Path) -> tuple[Path, list[Path], list[Path]]:
     d = Path(directory)
     if not d.is_dir():
         raise BadInput(f"calibration folder {d} does not exist: pass a folder of .jpg/.png images with --calib-dir")
@@ -152,19 +172,213 @@ def load_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: O
     others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:
         extra = f" (it holds {len(others)} non-image files such as {others[0].name})" if others else ""
-        raise BadInput(f"calibration folder {d} has no images{extra}: add at least 32 "
+        raise BadInput(f"calibration folder {d} has no images{extra}: add at least {RECOMMENDED_CALIB_IMAGES} "
                        f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files")
-    if limit is not None:
-        if limit <= 0:
-            raise BadInput(f"--calib-images must be at least 1, got {limit}")
-        images = images[:limit]
-    out = []
+    return d, images, others
+
+
+def _open_checked(path: Path):
+    """Open ``path`` lazily (header only) and refuse bombs and extreme strips before any decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _Unusable(f"more than {MAX_IMAGE_PIXELS // 1_000_000} M pixels (decompression-bomb guard)") from None
+    except UnidentifiedImageError:
+        raise _Unusable("not an image PIL can read") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise _Unusable(f"cannot be read ({type(exc).__name__})") from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise _Unusable(f"{w}x{h} is more than {MAX_IMAGE_PIXELS // 1_000_000} M pixels (decompression-bomb guard)")
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT:
+        im.close()
+        raise _Unusable(f"{w}x{h} has an aspect ratio beyond {MAX_ASPECT:g}:1")
+    return im
+
+
+def _to_rgb8(im):
+    """Any PIL mode -> 8-bit RGB: 16/32-bit grey scaled (not clipped), alpha composited on white."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16"):
+            top = 65535.0
+        elif mode == "F":
+            top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
+        else:  # 32-bit integer grey: PIL's mode for 16-bit PNGs in some versions
+            peak = float(arr.max()) if arr.size else 0.0
+            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(2**32 - 1)
+        grey = np.clip(np.rint(np.nan_to_num(arr) / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_rgb(path: str | Path):
+    """Decode an image file to an 8-bit RGB PIL image (first frame of an animation).
+
+    Raises:
+        BadInput: the file is not an image, cannot be decoded, is a decompression bomb (more than
+            :data:`MAX_IMAGE_PIXELS`) or a strip beyond :data:`MAX_ASPECT`; the message names the file.
+    """
+    try:
+        return _decode(Path(path))
+    except _Unusable as exc:
+        raise BadInput(f"image {path} cannot be used ({exc}): remove or replace it") from None
+
+
+def _decode(path: Path):
+    im = _open_checked(path)
+    try:
+        with im:
+            im.seek(0)
+            im.load()
+            return _to_rgb8(im)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise _Unusable(f"cannot be read ({type(exc).__name__})") from None
+
+
+@dataclass
+class ImageStream:
+    """Preprocessed images of a folder, decoded one at a time (see :func:`iter_image_dir`).
+
+    Iterating yields ``(image, path)`` with ``image`` float32 CHW in [0, 1]; files that cannot be used are
+    appended to ``skipped`` with the reason, and ``used`` lists the files yielded so far. Each iteration
+    is a fresh pass over the folder (``used``/``skipped`` start again), so calibration may take several
+    passes while holding one image (or one :meth:`batches` batch) in memory.
+    """
+
+    directory: Path
+    files: list[Path]
+    size: tuple[int, int]
+    limit: Optional[int] = None
+    crop_pct: float = 0.95
+    skipped: list[Skipped] = field(default_factory=list)
+    used: list[Path] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, Path]]:
+        self.used, self.skipped = [], []
+        for f in self.files:
+            if self.limit is not None and len(self.used) >= self.limit:
+                return
+            try:
+                image = _decode(f)
+            except _Unusable as exc:
+                self.skipped.append(Skipped(f, str(exc)))
+                continue
+            self.used.append(f)
+            yield preprocess_pil(image, self.size, crop_pct=self.crop_pct), f
+
+    def batches(self, batch: int) -> Iterator[np.ndarray]:
+        """One pass as float32 NCHW arrays of ``batch`` images (the last one may be smaller)."""
+        chunk: list[np.ndarray] = []
+        for image, _ in self:
+            chunk.append(image)
+            if len(chunk) == batch:
+                yield np.stack(chunk)
+                chunk = []
+        if chunk:
+            yield np.stack(chunk)
+
+    def summary(self) -> str:
+        """One line: how many images were used and which were skipped, e.g. for a manifest or a warning."""
+        text = f"{len(self.used)} images used from {self.directory}"
+        if self.skipped:
+            shown = "; ".join(str(s) for s in self.skipped[:3])
+            more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            text += f", {len(self.skipped)} skipped ({shown}{more})"
+        return text
+
+
+def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: Optional[int] = None,
+                   crop_pct: float = 0.95) -> ImageStream:
+    """Stream the images of ``directory`` (sorted, recursive) one at a time, so memory stays at one image.
+
+    Args:
+        directory: folder of jpg/png/bmp/webp/gif/tif images (hidden files are ignored).
+        size: output ``(height, width)`` or a side, in pixels.
+        limit: stop after this many usable images. Defaults to all.
+        crop_pct: centre-crop fraction of the variant's preprocessing. Defaults to 0.95.
+
+    Returns:
+        An :class:`ImageStream`; iterate it, then read ``.skipped`` (files not used, with reasons).
+
+    Raises:
+        BadInput: the folder is missing or holds no image file, or ``limit < 1``.
+    """
+    if limit is not None and limit <= 0:
+        raise BadInput(f"--calib-images must be at least 1, got {limit}")
+    d, images, _ = _folder_files(directory)
+    return ImageStream(directory=d, files=images, size=_to_size(size), limit=limit, crop_pct=crop_pct)
+
+
+def _no_usable(d: Path, skipped: list[Skipped]) -> BadInput:
+    first = skipped[0]
+    others = f" (and {len(skipped) - 1} more files cannot be used either)" if len(skipped) > 1 else ""
+    return BadInput(f"calibration image {first.path} cannot be read ({first.reason}) and {d} has no other usable "
+                    f"image{others}: remove or replace it")
+
+
+def _enough(d: Path, usable: int, limit: Optional[int], skipped: list[Skipped]) -> None:
+    want = min(RECOMMENDED_CALIB_IMAGES, limit) if limit is not None else 1  # a library call without a count
+    if usable == 0:
+        raise _no_usable(d, skipped)
+    if usable < want:
+        note = f" ({len(skipped)} files skipped, e.g. {skipped[0]})" if skipped else ""
+        raise BadInput(f"calibration folder {d} has {usable} usable images{note}: add at least "
+                       f"{RECOMMENDED_CALIB_IMAGES}, or pass --calib-images {usable} to calibrate on fewer")
+
+
+def scan_image_dir(directory: str | Path, *, limit: Optional[int] = None) -> tuple[list[Path], list[Skipped]]:
+    """Check a calibration folder from the file headers alone (no decoding): cheap, run before any export.
+
+    Accepts the folder when it holds at least ``min(32, limit)`` usable images, so fewer than 32 are
+    used only when asked for with ``--calib-images`` (without ``limit``, one image is enough). Returns (usable files up to ``limit``, skipped).
+    """
+    d, images, _ = _folder_files(directory)
+    usable: list[Path] = []
+    skipped: list[Skipped] = []
     for f in images:
+        if limit is not None and len(usable) >= limit:
+            break
         try:
-            with Image.open(f) as im:
-                im.load()
-                out.append(preprocess_pil(im, size, crop_pct=crop_pct))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise BadInput(f"calibration image {f} cannot be read ({type(exc).__name__}): "
-                           "remove or replace it") from None
-    return np.stack(out), images
+            _open_checked(f).close()
+        except _Unusable as exc:
+            skipped.append(Skipped(f, str(exc)))
+            continue
+        usable.append(f)
+    _enough(d, len(usable), limit, skipped)
+    return usable, skipped
+
+
+def load_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: Optional[int] = None,
+                   crop_pct: float = 0.95, skipped: Optional[list[Skipped]] = None) -> tuple[np.ndarray, list[Path]]:
+    """Load and preprocess the images of ``directory`` (sorted, recursive) as float32 NCHW in [0, 1].
+
+    Files that cannot be used (not decodable, decompression bombs, extreme strips) are skipped and, when
+    ``skipped`` is given, appended to it with the reason. Prefer :func:`iter_image_dir` for large folders.
+
+    Raises:
+        BadInput: the folder is missing, holds no usable image, or fewer than ``min(32, limit)`` (one
+            without ``limit``).
+    """
+    stream = iter_image_dir(directory, size, limit=limit, crop_pct=crop_pct)
+    out = [image for image, _ in stream]
+    if skipped is not None:
+        skipped.extend(stream.skipped)
+    _enough(stream.directory, len(out), limit, stream.skipped)
+    return np.stack(out), list(stream.used)

@@ -174,7 +174,7 @@ def test_nextvit_s_meets_targets(out_dir, precision):
     (dict(batch=(1, 2, 4)), "fixed batch.*--batch N"),
     (dict(input_kind="image", batch=(2, 2, 2)), "one image at a time.*--batch 1"),
     (dict(input_kind="pixels"), "--input-kind 'pixels'.*tensor, image"),
-    (dict(features_only=True, class_labels=Path("x.txt")), "--class-labels needs a classifier"),
+    (dict(features_only=True, class_labels=Path("x.txt")), "--labels needs a classifier"),
     (dict(min_deployment_target="iOS14"), "too old for an ML Program.*iOS16"),
     (dict(min_deployment_target="iOS99"), "unknown minimum deployment target"),
     (dict(precision="int8"), "precision int8 is not supported for target coreml"),

@@ -261,7 +261,8 @@ def _set_timing_cache(trt, config, path: Optional[Path], say: Callable[[str], No
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildOptions, *,
-                 progress: Optional[Callable[[str], None]] = None, cuda: Optional[TorchCuda] = None) -> dict[str, Any]:
+                 progress: Optional[Callable[[str], None]] = None, cuda: Optional[TorchCuda] = None,
+                 write_sidecar: bool = True) -> dict[str, Any]:
     """Parse ``onnx_path`` into a strongly typed network, build, and save the engine with its sidecar.
 
     Args:
@@ -270,9 +271,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
         options: :class:`BuildOptions`.
         progress: one-line progress callback. Defaults to silent.
         cuda: the CUDA seam. Defaults to PyTorch's CUDA runtime.
+        write_sidecar: write ``<engine>.build.json`` beside ``engine_path``. Defaults to True; an exporter
+            that builds into a temporary path writes it next to the published engine itself.
 
     Returns:
-        The sidecar dict (also written to ``<engine>.build.json``).
+        The sidecar dict.
 
     Raises:
         BadInput: ``options.precision`` is not the precision the graph carries, or the device is unknown.
@@ -334,8 +337,16 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                "workspace_gb": options.workspace_gb, "builder_opt_level": options.builder_opt_level,
                "timing_cache": str(cache_path) if cache_path else None, "timing_cache_state": cache_state,
                "build_seconds": round(build_s, 1), "rebuild": options.rebuild_hint, "created_utc": utc_now()}
-    atomic_write_text(sidecar_path(engine_path), json.dumps(sidecar, indent=2) + "\n")
+    if write_sidecar:
+        write_sidecar_file(engine_path, sidecar)
     return sidecar
+
+
+def write_sidecar_file(engine: str | Path, sidecar: Mapping[str, Any]) -> Path:
+    """Write ``<engine>.build.json`` atomically."""
+    p = sidecar_path(engine)
+    atomic_write_text(p, json.dumps(dict(sidecar), indent=2) + "\n")
+    return p
 
 
 class TrtRunner(Runner):

@@ -1,33 +1,61 @@
-"""The ``nextvit-deploy`` command line. This file only wires commands; each lives in its own module."""
+"""The ``nextvit-deploy`` command line. The app is wired in :mod:`._app`; this module stays import-light
+so that :func:`main` is running before typer, rich or torch are imported, and a Ctrl-C at any moment,
+imports included, ends with one line and exit code 130."""
 from __future__ import annotations
 
-import typer
+import importlib
+import signal
+import sys
+import threading
+from typing import Any
 
-from .bench import EXAMPLES as BENCH_EXAMPLES
-from .bench import bench
-from .doctor import doctor_cmd
-from .export import EXAMPLES as EXPORT_EXAMPLES
-from .export import export_cmd
-from .serve import EXAMPLES as SERVE_EXAMPLES
-from .serve import serve_cmd
-from .triton_repo import EXAMPLES as TRITON_REPO_EXAMPLES
-from .triton_repo import triton_repo_cmd
-from .verify import verify_cmd
+__all__ = ["app", "main"]
 
-app = typer.Typer(
-    name="nextvit-deploy",
-    help="Next-ViT from PyTorch to ONNX, TensorRT and Core ML: export, verify parity, measure latency.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.command("export", epilog=EXPORT_EXAMPLES)(export_cmd)
-app.command("verify")(verify_cmd)
-app.command("doctor")(doctor_cmd)
-app.command("bench", epilog=BENCH_EXAMPLES)(bench)
-app.command("triton-repo", epilog=TRITON_REPO_EXAMPLES)(triton_repo_cmd)
-app.command("serve", epilog=SERVE_EXAMPLES)(serve_cmd)
+# Native packages every command needs: imported up front with Ctrl-C deferred (see _import_deferring_sigint).
+_NATIVE = ("torch", "onnx")
+
+
+def _import_deferring_sigint(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` with SIGINT held back until they are loaded, then act on it.
+
+    A KeyboardInterrupt raised while a native extension initialises (``torch._C``) does not unwind
+    cleanly: CPython reports a SystemError and the process dies with SIGSEGV. So during these imports a
+    Ctrl-C only sets a flag, and is raised as KeyboardInterrupt once the imports are done.
+    """
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # SIGINT ignored or handled by an embedding program: leave it alone
+    pressed: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue  # the command that needs it reports the missing package
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def main() -> None:
-    app()
+    """Entry point of the ``nextvit-deploy`` script."""
+    try:
+        args = sys.argv[1:]
+        if args and not {"--help", "-h"} & set(args):
+            _import_deferring_sigint(_NATIVE)
+        from ._app import app
+
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; no artifact was written\n")
+        sys.exit(130)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from ._app import app
+
+        return app
+    raise AttributeError(name)

@@ -65,6 +65,21 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err.print("interrupted; no artifact was written")
             raise typer.Exit(130) from None
+        except OSError as exc:  # full disk, read-only folder, ...: the user's to fix, one line
+            if os.environ.get("NEXTVIT_DEBUG") == "1":
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            err.print(f"[bold red]error:[/] {escape(exc.strerror or str(exc))}{escape(where)}: free some space, fix the "
+                      "permissions or write to another folder", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (typer.Exit, SystemExit):
+            raise
+        except Exception as exc:  # a bug: one line, and how to see the traceback
+            if os.environ.get("NEXTVIT_DEBUG") == "1":
+                raise
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(_one_line(exc))[:300]} "
+                      "(a bug; NEXTVIT_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -135,12 +135,28 @@ def bench(
         raise BadInput(f"unknown --task {task!r}: choose cls or det")
     if full and models:
         raise BadInput("--full and --models conflict: use --full for every published row, or --models for a list")
-    cfg = BenchConfig(models=_split(models), backends=_split(backends), batch=batch, precision=precision,
-                      image_size=parse_image_size(image_size) if image_size else None, warmup=warmup, iters=iters,
-                      duration_s=duration or None, threads=threads, task=task, full=full, simplify=simplify)
-    from ..artifact import check_writable_dir
+    for flag, value in (("--models", models), ("--backends", backends)):
+        if value is not None and not _split(value):
+            raise BadInput(f"{flag} is empty: name at least one, or leave {flag} out for the default")
+    size = parse_image_size(image_size) if image_size else None
+    if size is not None:
+        from nextvit_model import InputSizeError, check_input_size
 
-    check_writable_dir(out_dir)
+        try:
+            check_input_size(*size)
+        except InputSizeError as exc:
+            raise BadInput(f"{exc} (pass --image-size)") from None
+        if max(size) > 2048:
+            raise BadInput(f"--image-size {size[0]}x{size[1]} is above the limit of 2048 pixels a side: "
+                           "use a smaller --image-size")
+    if not 1 <= batch <= 256:
+        raise BadInput(f"--batch must be 1 to 256, got {batch}")
+    from ..artifact import check_creatable_dir
+
+    check_creatable_dir(out_dir)  # created only when the results are written: a refused run leaves no folder
+    cfg = BenchConfig(models=_split(models), backends=_split(backends), batch=batch, precision=precision,
+                      image_size=size, warmup=warmup, iters=iters,
+                      duration_s=duration or None, threads=threads, task=task, full=full, simplify=simplify)
     with _RichProgress() as progress:
         report = run_bench(cfg, progress=progress)
     out.print(_table(report))

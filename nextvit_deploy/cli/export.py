@@ -26,8 +26,51 @@ Examples:
 """
 
 
+# Options that only some targets/precisions use: given by the user for another one, they are an error
+# (naming the option and the target), not silently ignored. Keyed by the parameter name of export_cmd.
+TARGET_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "opset": ("--opset", ("onnx", "trt")),
+    "simplify": ("--simplify/--no-simplify", ("onnx", "trt")),
+    "workspace_gb": ("--workspace-gb", ("trt",)),
+    "timing_cache": ("--timing-cache", ("trt",)),
+    "opt_level": ("--opt-level", ("trt",)),
+    "device": ("--device", ("trt",)),
+    "min_target": ("--min-target", ("coreml",)),
+    "labels": ("--labels", ("coreml",)),
+}
+CALIBRATION_ONLY: dict[str, str] = {"calib_dir": "--calib-dir", "calib_images": "--calib-images"}
+# TensorRT-convention INT8 options (export/int8.py Int8Options).
+TRT_INT8_ONLY: dict[str, str] = {"calib_method": "--calib-method", "int8_float": "--int8-float",
+                                 "quantize_attention": "--quantize-attention/--no-quantize-attention",
+                                 "residual_qdq": "--residual-qdq/--no-residual-qdq"}
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """True when the user set parameter ``name`` (command line or environment), not its default."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def check_applicable(ctx: typer.Context, *, target: str, precision: str, checkpoint: Optional[Path]) -> None:
+    """Refuse options that do not apply to ``target``/``precision`` (one line naming both)."""
+    for name, (flag, targets) in TARGET_ONLY.items():
+        if given(ctx, name) and target not in targets:
+            raise BadInput(f"{flag} applies only to --target {'/'.join(targets)}, not {target}: drop {flag}")
+    for name, flag in CALIBRATION_ONLY.items():
+        if given(ctx, name) and (precision == "fp32" or target == "coreml"):
+            raise BadInput(f"{flag} applies only to --precision fp16/int8 with --target onnx/trt, not "
+                           f"{precision} {target}: drop {flag}")
+    for name, flag in TRT_INT8_ONLY.items():
+        if given(ctx, name) and (target, precision) != ("trt", "int8"):
+            raise BadInput(f"{flag} applies only to --target trt --precision int8, not {precision} {target}: "
+                           f"drop {flag}")
+    if given(ctx, "seed") and checkpoint is not None:
+        raise BadInput("--seed applies only to random weights, not with --checkpoint: drop --seed")
+
+
 @handle_errors
 def export_cmd(
+    ctx: typer.Context,
     target: Annotated[TargetName, typer.Option("--target", "-t", help="Where the model will run.")] = "onnx",
     precision: Annotated[PrecisionName, typer.Option("--precision", "-p", help="Numeric precision.")] = "fp32",
     variant: VariantOpt = "nextvit_small",
@@ -57,8 +100,17 @@ def export_cmd(
     input_kind: Annotated[str, typer.Option(help="Core ML: 'tensor' (normalised) or 'image' (RGB 0..255).")] = "tensor",
     labels: Annotated[Optional[Path], typer.Option(help="Core ML: class labels file, one per line.")] = None,
     json_path: JsonOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing artifact of the same name that holds other weights.")] = False,
 ) -> None:
     """Export Next-ViT to ONNX, a TensorRT engine or a Core ML package, with a manifest next to it."""
+    from ..artifact import check_output_file
+
+    check_applicable(ctx, target=target.value, precision=precision.value, checkpoint=checkpoint)
+    if input_kind not in ("tensor", "image"):
+        raise BadInput(f"--input-kind must be 'tensor' or 'image', got {input_kind!r}")
+    if json_path is not None:
+        check_output_file(json_path)
     from nextvit_model import resolve_variant
 
     from ..export import ExportRequest, export, parse_batch, parse_image_size
@@ -68,17 +120,14 @@ def export_cmd(
         canonical = resolve_variant(variant).name
     except KeyError as exc:
         raise BadInput(exc.args[0]) from None
-    if input_kind not in ("tensor", "image"):
-        raise BadInput(f"--input-kind must be 'tensor' or 'image', got {input_kind!r}")
-    if opset < 13:
-        raise BadInput(f"--opset {opset} is too old: use 13 or newer")
     req = ExportRequest(
         target=target.value, precision=precision.value, variant=canonical, image_size=parse_image_size(image_size),
         batch=parse_batch(batch), opset=opset, out_dir=out_dir, checkpoint=checkpoint, seed=seed,
         features_only=backbone, simplify=simplify, calib_dir=calib_dir, calib_images=calib_images,
         workspace_gb=workspace_gb, timing_cache=timing_cache, builder_opt_level=opt_level,
         min_deployment_target=min_target, input_kind=input_kind, class_labels=labels, calib_method=calib_method,
-        int8_high_precision=int8_float, int8_attention=quantize_attention, int8_residual=residual_qdq, device=device)
+        int8_high_precision=int8_float, int8_attention=quantize_attention, int8_residual=residual_qdq, device=device,
+        force=force)
     with progress_status(f"exporting {canonical} to {req.target} ({req.precision})") as say:
         try:
             art = export(req, progress=say)

@@ -20,8 +20,12 @@ def verify_cmd(
     from ..report import parity_summary, parity_table, write_json
     from ..verify import verify
 
+    from ..artifact import check_output_file
+
     if max_batch is not None and max_batch <= 0:
         raise BadInput(f"--max-batch must be at least 1, got {max_batch}")
+    if json_path is not None:
+        check_output_file(json_path)
     with progress_status(f"verifying {artifact.name}") as say:
         report = verify(artifact, max_batch=max_batch, progress=say)
     out.print(parity_table(report))

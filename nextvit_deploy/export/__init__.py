@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..artifact import Artifact, check_writable_dir
+from ..artifact import Artifact, check_creatable_dir
 from ..errors import BadInput
 from ..targets import artifact_name, check_precision, load_object
 
 if TYPE_CHECKING:
+    from nextvit_model import LoadedCheckpoint
+
     from ..fuse import FuseResult
 
-__all__ = ["ExportRequest", "export", "build_deploy_model", "parse_batch", "parse_image_size"]
+__all__ = ["ExportRequest", "export", "build_deploy_model", "parse_batch", "parse_image_size", "validate_request",
+           "estimate_export_bytes", "check_overwrite", "opset_range", "MAX_BATCH", "MAX_SIDE", "MAX_CALIB_IMAGES"]
+
+# Caps on what one export may ask for (a request beyond them is a typo or an attack, not a model).
+MAX_BATCH = 256
+MAX_SIDE = 2048
+MAX_CALIB_IMAGES = 2048
+MAX_WORKSPACE_GB = 1024.0
+OPT_LEVELS = range(0, 6)
+
 
 # progress(message) callback: exporters report long steps through it (the CLI shows a spinner/bar).
 Progress = Callable[[str], None]
@@ -54,6 +67,10 @@ class ExportRequest:
     int8_residual: bool = True  # Q/DQ on the skip input of Conv + Add
     int8_high_precision: str = "fp16"  # type of the unquantized regions: fp16 (opset >= 19) or fp32
     device: str = "cuda:0"  # TensorRT: the GPU that builds (and runs) the engine
+    # Replace an existing artifact of the same name that holds other weights (another seed/checkpoint).
+    force: bool = False
+    # Classifier width; None = the checkpoint head's (validate_request fills it in), else 1000.
+    num_classes: Optional[int] = None
 
     @property
     def dynamic_batch(self) -> bool:
@@ -113,16 +130,54 @@ def parse_image_size(text: str | int) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def validate_request(req: ExportRequest) -> None:
-    """Check everything that can be checked before work starts (one-line errors naming the fix)."""
+def opset_range() -> tuple[int, int]:
+    """ONNX opsets the installed torch's TorchScript exporter writes (and that our graph needs: >= 13)."""
+    try:
+        from torch.onnx import _constants as c
+
+        return max(13, int(c.ONNX_MIN_OPSET)), int(getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", c.ONNX_MAX_OPSET))
+    except (ImportError, AttributeError):  # private module moved: fall back to what torch 2.x supports
+        return 13, 20
+
+
+def _physical_memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_export_bytes(batch: int, height: int, width: int) -> int:
+    """Rough peak memory of tracing + checking one export (bytes): a linear part of ~400 bytes per input
+    pixel (stem and stage activations) plus the attention matrices of stages 1-3 (heads x queries x
+    pooled keys x 4 bytes), which grow with the square of the pixel count."""
+    per_image = 400 * height * width
+    for stride, sr, heads in ((8, 4, 6), (16, 2, 12), (32, 1, 24)):
+        n = math.ceil(height / stride) * math.ceil(width / stride)
+        per_image += heads * n * max(1, n // (sr * sr)) * 4
+    return batch * per_image
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def validate_request(req: ExportRequest) -> ExportRequest:
+    """Check everything that can be checked before work starts (one-line errors naming the fix).
+
+    Returns the request with facts found on the way filled in (``num_classes`` from a checkpoint's head).
+    """
     from nextvit_model import InputSizeError, check_input_size, resolve_variant
 
     check_precision(req.target, req.precision)
     cfg = resolve_variant(req.variant)
     if min(req.batch) <= 0:
         raise BadInput(f"--batch must be at least 1, got {req.batch}")
-    if req.calib_images < 1:
-        raise BadInput(f"--calib-images must be at least 1, got {req.calib_images}")
+    if req.batch[2] > MAX_BATCH:
+        raise BadInput(f"--batch {req.batch[2]} is above the limit of {MAX_BATCH}: use a smaller --batch")
+    h, w = req.image_size
+    if max(h, w) > MAX_SIDE:
+        raise BadInput(f"--image-size {h}x{w} is above the limit of {MAX_SIDE} pixels a side: use a smaller --image-size")
     from .int8 import CALIBRATION_METHODS
 
     if req.calib_method not in CALIBRATION_METHODS:
@@ -134,15 +189,90 @@ def validate_request(req: ExportRequest) -> None:
 
         cuda_index(req.device)
     try:
-        check_input_size(*req.image_size, cfg.sr_ratios)
+        check_input_size(h, w, cfg.sr_ratios)
     except InputSizeError as exc:
         raise BadInput(f"{exc} (pass --image-size)") from None
+    need, have = estimate_export_bytes(req.batch[2], h, w), _physical_memory_bytes()
+    if have is not None and need > 0.8 * have:
+        raise BadInput(f"--batch {req.batch[2]} at --image-size {h}x{w} needs about {_gb(need)} to export but this "
+                       f"machine has {_gb(have)}: use a smaller --batch or --image-size")
+    if req.target in ("onnx", "trt"):
+        lo, hi = opset_range()
+        if not lo <= req.opset <= hi:
+            raise BadInput(f"--opset {req.opset} is not supported by the installed torch exporter: use {lo} to {hi}")
+    if not math.isfinite(req.workspace_gb) or not 0 < req.workspace_gb <= MAX_WORKSPACE_GB:
+        raise BadInput(f"--workspace-gb must be above 0 and at most {MAX_WORKSPACE_GB:g}, got {req.workspace_gb:g}")
+    if req.timing_cache is not None and Path(req.timing_cache).is_dir():
+        raise BadInput(f"--timing-cache {req.timing_cache} is a folder: pass a file path such as "
+                       f"{Path(req.timing_cache) / 'timing.cache'}")
+    if req.builder_opt_level not in OPT_LEVELS:
+        raise BadInput(f"--opt-level must be 0 to 5, got {req.builder_opt_level}")
+    if req.calib_images < 1:
+        raise BadInput(f"--calib-images must be at least 1, got {req.calib_images}")
+    if req.calib_images > MAX_CALIB_IMAGES:
+        raise BadInput(f"--calib-images must be at most {MAX_CALIB_IMAGES}, got {req.calib_images}")
+    if req.input_kind not in ("tensor", "image"):
+        raise BadInput(f"--input-kind {req.input_kind!r} is not supported: choose one of tensor, image")
+    if req.input_kind == "image" and req.target != "coreml":
+        raise BadInput(f"--input-kind image applies only to --target coreml; {req.target} inputs are normalised "
+                       "tensors: drop --input-kind")
+    if req.class_labels is not None:
+        if req.target != "coreml":
+            raise BadInput(f"--labels applies only to --target coreml, not {req.target}: drop --labels")
+        if req.features_only:
+            raise BadInput("--labels needs a classifier, but --backbone exports a backbone: drop one of them")
+        if not Path(req.class_labels).is_file():
+            raise BadInput(f"class labels file {req.class_labels} does not exist: pass a text file with one label "
+                           "per line to --labels")
+    if req.calib_dir is not None:
+        if req.precision == "fp32":
+            raise BadInput("--calib-dir applies only to --precision fp16 or int8, not fp32: drop --calib-dir")
+        from ..data import scan_image_dir
+
+        scan_image_dir(req.calib_dir, limit=req.calib_images)
+    num_classes = req.num_classes
     if req.checkpoint is not None:
-        _check_checkpoint(Path(req.checkpoint), cfg.name)
-    check_writable_dir(req.out_dir)
+        ckpt = _check_checkpoint(Path(req.checkpoint), cfg.name)
+        if num_classes is None and ckpt.num_classes is not None:
+            num_classes = ckpt.num_classes
+    check_creatable_dir(req.out_dir)
+    req = dataclasses.replace(req, num_classes=num_classes)
+    check_overwrite(req)
+    return req
 
 
-def _check_checkpoint(path: Path, variant: str) -> None:
+def _source_of(seed: Any, checkpoint_sha: Any, depths: Any) -> str:
+    what = f"checkpoint sha256 {str(checkpoint_sha)[:12]}" if checkpoint_sha else f"random weights seed {seed}"
+    return what + (f", depths {tuple(depths)}" if depths else "")
+
+
+def check_overwrite(req: ExportRequest) -> None:
+    """Refuse to replace an artifact of the same name that holds other weights, unless ``req.force``.
+
+    An export of the same weights (same seed, or same checkpoint bytes, same depths) replaces the old one;
+    a file of that name without a manifest is not ours and is never replaced without ``--force``.
+    """
+    if req.force:
+        return
+    from ..artifact import manifest_path, read_manifest, sha256_path
+
+    paths = [req.output_path()] + ([req.output_path(suffix=".onnx")] if req.target == "trt" else [])
+    new_sha = sha256_path(req.checkpoint) if req.checkpoint else None
+    new = _source_of(None if req.checkpoint else req.seed, new_sha, req.depths)
+    for path in paths:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        raw = read_manifest(path)
+        if raw is None:
+            raise BadInput(f"{path} exists but has no readable manifest ({manifest_path(path).name}), so it is not an "
+                           "export to replace: move it away, pass --force, or choose another --out")
+        old = _source_of(raw.get("seed"), raw.get("checkpoint_sha256"), raw.get("depths"))
+        if old != new:
+            raise BadInput(f"{path} holds an export of {old}, not {new}: pass --force to replace it, "
+                           "or choose another --out")
+
+
+def _check_checkpoint(path: Path, variant: str) -> "LoadedCheckpoint":
     """Fail before any work when the checkpoint is missing, unsafe, corrupt or of another variant."""
     from nextvit_model import CheckpointError, read_checkpoint
 
@@ -158,6 +288,7 @@ def _check_checkpoint(path: Path, variant: str) -> None:
         short = ckpt.variant.split("_")[1]
         raise CheckpointMismatch(f"checkpoint {path} is a {ckpt.variant} checkpoint but {variant} was requested: "
                                  f"pass --variant {short}")
+    return ckpt
 
 
 def build_deploy_model(req: ExportRequest, *, progress: Progress) -> "FuseResult":
@@ -168,7 +299,7 @@ def build_deploy_model(req: ExportRequest, *, progress: Progress) -> "FuseResult
 
     progress(f"building {req.variant} ({'checkpoint' if req.checkpoint else f'random weights, seed {req.seed}'})")
     model = build_model(req.variant, checkpoint=req.checkpoint, seed=req.seed, features_only=req.features_only,
-                        depths=req.depths)
+                        depths=req.depths, num_classes=req.num_classes)
     progress("folding BatchNorms (deploy form)")
     fused = fuse_model(model)
     if fused.remaining:
@@ -186,6 +317,6 @@ def export(req: ExportRequest, *, progress: Optional[Progress] = None) -> Artifa
         req = dataclasses.replace(req, variant=resolve_variant(req.variant).name)  # aliases -> canonical name
     except KeyError as exc:
         raise BadInput(exc.args[0]) from None
-    validate_request(req)
+    req = validate_request(req)
     exporter = load_object(get_target(req.target).exporter)
     return exporter(req, progress=progress or (lambda _msg: None))

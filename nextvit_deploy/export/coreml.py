@@ -46,9 +46,9 @@ from torch import nn
 
 from .. import __version__
 from .._deps import require
-from ..artifact import Artifact, atomic_path, tool_versions
+from ..artifact import Artifact, publishing, tool_versions
 from ..errors import BadInput, DeployError
-from . import ExportRequest, build_deploy_model
+from . import ExportRequest, build_deploy_model, check_overwrite
 from .onnx import base_artifact, output_names_for, preprocessing_for
 
 __all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "parse_deployment_target", "read_class_labels",
@@ -161,10 +161,10 @@ def parse_deployment_target(name: str):
     ok = sorted(k for k, v in ct.target.__members__.items() if v >= ct.target.iOS15)
     if target is None:
         raise BadInput(f"unknown minimum deployment target {name!r}: choose one of {', '.join(ok)} "
-                       "with --min-deployment-target")
+                       "with --min-target")
     if target < ct.target.iOS15:
         raise BadInput(f"minimum deployment target {name} is too old for an ML Program (needs iOS15/macOS12 "
-                       "or newer): pass --min-deployment-target iOS16")
+                       "or newer): pass --min-target iOS16")
     return target
 
 
@@ -199,13 +199,13 @@ def _validate(req: ExportRequest) -> None:
         raise BadInput(f"the coreml target exports a fixed batch, got the range {req.batch[0]}:{req.batch[2]}: "
                        "pass a single --batch N")
     if req.class_labels is not None and req.features_only:
-        raise BadInput("--class-labels needs a classifier, but --features-only exports a backbone: drop one of them")
+        raise BadInput("--labels needs a classifier, but --backbone exports a backbone: drop one of them")
     if req.input_kind == "image" and req.batch[1] != 1:
         raise BadInput(f"a Core ML image input takes one image at a time, got --batch {req.batch[1]}: "
                        "pass --batch 1, or --input-kind tensor for batched input")
     if req.class_labels is not None and req.batch[1] != 1:
-        raise BadInput(f"a Core ML classifier (--class-labels) takes one image at a time, got --batch {req.batch[1]}: "
-                       "pass --batch 1 or drop --class-labels")
+        raise BadInput(f"a Core ML classifier (--labels) takes one image at a time, got --batch {req.batch[1]}: "
+                       "pass --batch 1 or drop --labels")
 
 
 def _program_facts(package: Path) -> dict[str, Any]:
@@ -317,7 +317,9 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
 
     final = req.output_path()
     output_map = {names[0]: CLASSIFIER_SCORES_OUTPUT} if labels is not None else {n: n for n in names}
-    with atomic_path(final) as tmp:
+    with publishing(final, kind="dir") as stage:
+        check_overwrite(req)
+        tmp = stage.path
         progress(f"saving {final.name}")
         # coremltools insists on the .mlpackage suffix: save into a staging folder, then move into place.
         with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.stem}-") as staging:
@@ -342,9 +344,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             **facts,
         }
         art = base_artifact(req, tmp, details=details, target="coreml", extra_versions=("coremltools",))
-    art = art.replace(path=final, opset=None)
-    art.save_manifest()
-    return art
+        return stage.publish(art.replace(opset=None))
 
 
 def _checkpoint_sha(req: ExportRequest) -> Optional[str]:

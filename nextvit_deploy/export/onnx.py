@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._deps import available, require
-from ..artifact import Artifact, atomic_path, sha256_path, tool_versions
+from ..artifact import Artifact, publishing, sha256_path, tool_versions
 from ..errors import DeployError
 from . import ExportRequest, build_deploy_model
 
@@ -164,21 +164,22 @@ def base_artifact(req: ExportRequest, path: Path, *, details: dict[str, Any], ta
         checkpoint=str(Path(req.checkpoint).resolve()) if req.checkpoint else None,
         checkpoint_sha256=sha256_path(req.checkpoint) if req.checkpoint else None,
         seed=None if req.checkpoint else req.seed, depths=req.depths, opset=req.opset,
+        num_classes=req.num_classes or 1000,
         versions=tool_versions("onnxsim", "onnxslim", *extra_versions), details=details)
 
 
 def export_onnx(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifact:
     """``nextvit-deploy export --target onnx``: fp32 deploy form, or its fp16/int8 transform."""
+    from . import check_overwrite
+
     final = req.output_path()
-    with atomic_path(final) as tmp:
-        details = export_fp32_onnx(req, tmp, progress=progress)
+    with publishing(final) as stage:
+        check_overwrite(req)  # again, now that this export holds the name's lock
+        details = export_fp32_onnx(req, stage.path, progress=progress)
         if req.precision != "fp32":
             from .precision import apply_precision
 
-            details["precision_transform"] = apply_precision(tmp, tmp, req, convention="onnxruntime",
+            details["precision_transform"] = apply_precision(stage.path, stage.path, req, convention="onnxruntime",
                                                              progress=progress)
         # the manifest describes the final bytes: hash the temp file, which becomes `final` unchanged
-        art = base_artifact(req, tmp, details=details)
-    art = art.replace(path=final)
-    art.save_manifest()
-    return art
+        return stage.publish(base_artifact(req, stage.path, details=details))

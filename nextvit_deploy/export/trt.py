@@ -16,7 +16,7 @@ import dataclasses
 from typing import Callable
 
 from .._deps import INSTALL_HINTS, require
-from ..artifact import Artifact, atomic_path
+from ..artifact import Artifact, publishing
 from ..errors import EngineNotBuilt, MissingDependency
 from . import ExportRequest
 
@@ -44,6 +44,7 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
         DeployError: the graph fails the TensorRT compatibility check (a bug; the message says which rule).
     """
     from ..trt_compat import require_trt_compat
+    from . import check_overwrite
     from .onnx import base_artifact, export_fp32_onnx
     from .precision import apply_precision
 
@@ -56,7 +57,9 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
     onnx_final = req.output_path(suffix=".onnx")
     engine_final = req.output_path(suffix=".engine")
     trtexec = trtexec_for(req, onnx_final, engine_final)
-    with atomic_path(onnx_final) as tmp:
+    with publishing(onnx_final) as stage:
+        check_overwrite(req)  # again, now that this export holds the name's lock
+        tmp = stage.path
         details = export_fp32_onnx(req, tmp, progress=progress)
         if req.precision != "fp32":
             details["precision_transform"] = apply_precision(tmp, tmp, req, convention="tensorrt", progress=progress)
@@ -68,9 +71,7 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
                         "tensorrt_versions": f">= {compat.min_version} (10.x and 11.x, strongly typed)"})
         if opset_note:
             details["opset_note"] = opset_note
-        onnx_art = base_artifact(req, tmp, details=details, target="trt")
-    onnx_art = onnx_art.replace(path=onnx_final)
-    onnx_art.save_manifest()
+        onnx_art = stage.publish(base_artifact(req, tmp, details=details, target="trt"))
     try:
         require("tensorrt", purpose="building the TensorRT engine")
     except MissingDependency:
@@ -78,18 +79,20 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
             f"TensorRT is not installed, so no engine was built (the TensorRT-ready ONNX is {onnx_final}); "
             f"install it with: {INSTALL_HINTS['tensorrt']}, or run the trtexec command above on a GPU machine",
             artifact=onnx_art, trtexec=trtexec) from None
-    from ..backends.tensorrt import BuildOptions, build_engine, current_environment
+    from ..backends.tensorrt import BuildOptions, build_engine, current_environment, write_sidecar_file
 
     try:
         current_environment(req.device)
     except MissingDependency as exc:
         raise EngineNotBuilt(str(exc), artifact=onnx_art, trtexec=trtexec) from None
-    sidecar = build_engine(onnx_final, engine_final, BuildOptions(
-        precision=req.precision, batch=req.batch, image_size=req.image_size, workspace_gb=req.workspace_gb,
-        timing_cache=req.timing_cache, builder_opt_level=req.builder_opt_level, rebuild_hint=trtexec,
-        device=req.device), progress=progress)
-    engine_details = {"onnx": onnx_final.name, "engine": sidecar, "trtexec": trtexec,
-                      "precision_transform": details.get("precision_transform"), "trt_compat": compat.to_dict()}
-    engine_art = base_artifact(req, engine_final, details=engine_details, target="trt", extra_versions=("tensorrt",))
-    engine_art.save_manifest()
+    with publishing(engine_final) as stage:
+        sidecar = build_engine(onnx_final, stage.path, BuildOptions(
+            precision=req.precision, batch=req.batch, image_size=req.image_size, workspace_gb=req.workspace_gb,
+            timing_cache=req.timing_cache, builder_opt_level=req.builder_opt_level, rebuild_hint=trtexec,
+            device=req.device), progress=progress, write_sidecar=False)
+        engine_details = {"onnx": onnx_final.name, "engine": sidecar, "trtexec": trtexec,
+                          "precision_transform": details.get("precision_transform"), "trt_compat": compat.to_dict()}
+        engine_art = stage.publish(base_artifact(req, stage.path, details=engine_details, target="trt",
+                                                 extra_versions=("tensorrt",)))
+    write_sidecar_file(engine_final, sidecar)  # beside the published engine (read only with it)
     return engine_art
