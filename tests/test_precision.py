@@ -11,7 +11,7 @@ from nextvit_deploy.artifact import Artifact
 from nextvit_deploy.errors import BadInput, EngineNotBuilt
 from nextvit_deploy.export import ExportRequest, export
 from nextvit_deploy.export.fp16 import convert_to_mixed, to_mixed_fp16
-from nextvit_deploy.export.precision import calibration_set, measure_activations
+from nextvit_deploy.export.precision import calibration_set, feed_batches, feed_count, measure_activations
 from nextvit_deploy.verify import verify_artifact
 
 SMALL = dict(variant="nextvit_small", depths=(1, 1, 5, 1), image_size=(64, 64))
@@ -92,7 +92,12 @@ def test_calibration_folder_errors_and_cap(tmp_path):
     for i in range(6):
         Image.fromarray(np.full((40, 50, 3), i * 40, dtype=np.uint8)).save(good / f"img{i}.png")
     cs = calibration_set(calib_dir=good, **kw)
-    assert cs.feeds.shape == (4, 3, 64, 64) and cs.source.startswith("calib-dir")
+    assert cs.source.startswith("calib-dir") and feed_count(cs.feeds) == 4
+    batches = feed_batches(cs.feeds, 3)
+    assert not isinstance(batches, list)  # streamed: decoded batch by batch, on every pass
+    assert [b.shape for b in batches] == [(3, 3, 64, 64), (1, 3, 64, 64)]
+    assert [b.shape for b in feed_batches(cs.feeds, 3, static=3)] == [(3, 3, 64, 64)] * 2  # topped up
+    assert cs.describe()["images"] == 4 and cs.describe()["files"] == [f"img{i}.png" for i in range(4)]
     with pytest.raises(BadInput, match="--calib-images"):
         calibration_set(calib_dir=good, **{**kw, "calib_images": 0})
 
@@ -111,3 +116,25 @@ def test_nextvit_s_fp16_trt_ready_onnx_verifies(tmp_path):
     assert report.worst()["min_cosine"] >= 0.9995
     for case in report.cases:
         assert case.outputs[0].top5_overlap is not None
+
+
+def test_streamed_calibration_measures_what_the_loaded_folder_measures(tmp_path):
+    """Calibration streams a --calib-dir folder (one batch in memory) and gets the same ranges as the whole
+    folder loaded at once."""
+    from PIL import Image
+
+    from nextvit_deploy.data import calibration_photos, load_image_dir, normalize
+
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    for i, img in enumerate(calibration_photos(6, 48)):
+        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(folder / f"c{i}.png")
+    model = _overflow_graph()
+    cs = calibration_set(calib_dir=folder, image_size=(8, 8), calib_images=6, crop_pct=0.95, mean=MEAN, std=STD)
+    streamed = measure_activations(model, cs.feeds, batch=4, histograms=["big"])
+    loaded = measure_activations(model, normalize(load_image_dir(folder, 8, limit=6)[0], MEAN, STD), batch=4,
+                                 histograms=["big"])
+    assert set(streamed) == set(loaded)
+    for name in loaded:
+        assert streamed[name].absmax == pytest.approx(loaded[name].absmax, rel=1e-6)
+    assert np.array_equal(streamed["big"].histogram, loaded["big"].histogram)

@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from .._deps import require
-from .precision import FP16_MAX, FP16_MIN_NORMAL, TensorRange, float_tensor_types, measure_activations
+from .precision import (FP16_MAX, FP16_MIN_NORMAL, Feeds, TensorRange, feed_count, float_tensor_types,
+                        measure_activations)
 
 __all__ = ["FP16_OPS", "Fp16Policy", "KeptNode", "Fp16Result", "choose_fp32_nodes", "convert_to_mixed",
            "to_mixed_fp16"]
@@ -322,7 +323,7 @@ def convert_to_mixed(model, keep_fp32: set[str]) -> tuple[Any, dict[str, int]]:
     return m, counts
 
 
-def to_mixed_fp16(model, calibration: np.ndarray, *, policy: Fp16Policy = Fp16Policy(),
+def to_mixed_fp16(model, calibration: Feeds, *, policy: Fp16Policy = Fp16Policy(),
                   progress: Optional[Callable[[str], None]] = None) -> Fp16Result:
     """Measure, choose and convert: the full FP16 transform of an fp32 graph.
 
@@ -337,7 +338,7 @@ def to_mixed_fp16(model, calibration: np.ndarray, *, policy: Fp16Policy = Fp16Po
     named = onnx.ModelProto()
     named.CopyFrom(model)
     _name_nodes(named)
-    say(f"fp16: measuring activation ranges on {calibration.shape[0]} calibration images")
+    say(f"fp16: measuring activation ranges on {feed_count(calibration)} calibration images")
     ranges = measure_activations(named, calibration)
     kept = choose_fp32_nodes(named, ranges, policy=policy)
     say(f"fp16: converting ({len(kept)} node(s) kept in fp32)")

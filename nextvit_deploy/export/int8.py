@@ -43,7 +43,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import numpy as np
 
 from .._deps import require
-from .precision import TensorRange, feed_chunks, measure_activations, static_batch
+from .precision import Feeds, TensorRange, feed_batches, feed_count, measure_activations, static_batch
 
 __all__ = ["QUANTIZED_OPS", "CALIBRATION_METHODS", "Int8Options", "QdqSite", "QdqPlan", "Int8Result",
            "weight_channel_axis", "attention_matmuls", "residual_inputs", "plan_qdq", "calibrated_amax",
@@ -394,7 +394,7 @@ def _name_nodes(model) -> None:
         seen.add(node.name)
 
 
-def quantize_trt(model, calibration: np.ndarray, *, options: Int8Options = Int8Options(),
+def quantize_trt(model, calibration: Feeds, *, options: Int8Options = Int8Options(),
                  progress: Optional[Callable[[str], None]] = None) -> Int8Result:
     """The TensorRT-convention Q/DQ graph of the fp32 ``model`` (see the module docstring).
 
@@ -427,7 +427,7 @@ def quantize_trt(model, calibration: np.ndarray, *, options: Int8Options = Int8O
     m = model_with_names(model)
     plan = plan_qdq(m, options)
     acts = plan.activations
-    say(f"int8: calibrating {len(acts)} activation tensors on {calibration.shape[0]} images ({options.describe()})")
+    say(f"int8: calibrating {len(acts)} activation tensors on {feed_count(calibration)} images ({options.describe()})")
     ranges = measure_activations(m, calibration, tensors=None if options.high_precision == "fp16" else acts,
                                  histograms=acts)
     inits = {i.name: i for i in m.graph.initializer}
@@ -532,20 +532,22 @@ def model_with_names(model):
 
 
 class _Reader:
-    """ONNX Runtime CalibrationDataReader over a float32 NCHW array, ``batch`` images at a time."""
+    """ONNX Runtime CalibrationDataReader over calibration feeds, ``batch`` images at a time (a fresh pass
+    after each ``rewind``, so a streamed folder is never held in memory)."""
 
-    def __init__(self, input_name: str, data: np.ndarray, batch: int = 1, static: Optional[int] = None):
-        self._items = [{input_name: chunk} for chunk in feed_chunks(data, batch, static=static)]
-        self._it = iter(self._items)
+    def __init__(self, input_name: str, data: Feeds, batch: int = 1, static: Optional[int] = None):
+        self._name, self._data, self._batch, self._static = input_name, data, batch, static
+        self.rewind()
 
     def get_next(self):
-        return next(self._it, None)
+        chunk = next(self._it, None)
+        return None if chunk is None else {self._name: chunk}
 
     def rewind(self) -> None:
-        self._it = iter(self._items)
+        self._it = feed_batches(self._data, self._batch, static=self._static)
 
 
-def quantize_ort_x86(model, calibration: np.ndarray, *, method: str = "Percentile", reduce_range: bool = True,
+def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", reduce_range: bool = True,
                      op_types: Sequence[str] = QUANTIZED_OPS, progress: Optional[Callable[[str], None]] = None) -> Int8Result:
     """ONNX Runtime's x86 convention: QDQ, uint8 activations, int8 per-channel weights (``quantize_static``).
 
@@ -563,7 +565,7 @@ def quantize_ort_x86(model, calibration: np.ndarray, *, method: str = "Percentil
     onnx = require("onnx")
     q = require("onnxruntime.quantization", purpose="ONNX Runtime int8 quantization")
     say = progress or (lambda _m: None)
-    say(f"int8 (onnxruntime x86): quantize_static U8S8 QDQ, {method} calibration on {calibration.shape[0]} images")
+    say(f"int8 (onnxruntime x86): quantize_static U8S8 QDQ, {method} calibration on {feed_count(calibration)} images")
     import logging
 
     quiet = logging.getLogger().level

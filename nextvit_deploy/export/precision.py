@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import ExportRequest
     from .int8 import Int8Options
 
-__all__ = ["Convention", "TensorRange", "CalibrationSet", "calibration_set", "measure_activations",
+__all__ = ["Convention", "TensorRange", "CalibrationSet", "StreamFeeds", "feed_count", "feed_batches",
+           "calibration_set", "measure_activations",
            "float_tensor_types", "apply_precision", "transform_graph", "FP16_MAX", "FP16_MIN_NORMAL"]
 
 Convention = Literal["onnxruntime", "tensorrt"]
@@ -97,50 +98,112 @@ class _AbsHistogram:
         self.counts += hist
 
 
+class StreamFeeds:
+    """Calibration inputs decoded from a folder batch by batch, on every pass (memory: one batch).
+
+    Args:
+        stream: a :class:`nextvit_deploy.data.ImageStream` (images in [0, 1]).
+        convert: [0, 1] NCHW -> the model's input convention.
+    """
+
+    def __init__(self, stream, convert: Callable[[np.ndarray], np.ndarray]):
+        self.stream, self.convert = stream, convert
+
+    @property
+    def count(self) -> int:
+        """Images per pass (files that turn out unusable are skipped, so this is an upper bound before one)."""
+        n = len(self.stream.used) or len(self.stream.files)
+        return min(n, self.stream.limit) if self.stream.limit else n
+
+    def batches(self, batch: int, *, static: Optional[int] = None) -> Iterator[np.ndarray]:
+        """One pass in runs of ``batch`` images; a static-batch graph gets exactly ``static`` per run, the last
+        run topped up with images from the first (maxima and histograms barely move)."""
+        size = static or batch
+        first: Optional[np.ndarray] = None
+        for chunk in self.stream.batches(size):
+            chunk = np.ascontiguousarray(self.convert(chunk), dtype=np.float32)
+            if first is None:
+                first = chunk
+            if static and chunk.shape[0] < static:
+                chunk = np.concatenate([chunk, first[np.arange(static - chunk.shape[0]) % first.shape[0]]])
+            yield chunk
+        if first is None:
+            raise BadInput(f"no usable calibration image in {self.stream.directory} ({self.stream.summary()}): "
+                           "add .jpg/.png photos to --calib-dir")
+
+
+Feeds = Union[np.ndarray, StreamFeeds]
+
+
+def feed_count(feeds: Feeds) -> int:
+    """Number of calibration images in ``feeds`` (an array or a :class:`StreamFeeds`)."""
+    return int(feeds.shape[0]) if isinstance(feeds, np.ndarray) else feeds.count
+
+
+def feed_batches(feeds: Feeds, batch: int, *, static: Optional[int] = None) -> Iterator[np.ndarray]:
+    """One pass over ``feeds`` in runs of ``batch`` (exactly ``static`` for a static-batch graph)."""
+    if isinstance(feeds, np.ndarray):
+        return iter(feed_chunks(feeds, batch, static=static))
+    return feeds.batches(batch, static=static)
+
+
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Model inputs used to measure activation ranges, and where they came from (for the manifest)."""
+    """Model inputs used to measure activation ranges, and where they came from (for the manifest).
 
-    feeds: np.ndarray  # float32 NCHW, already in the model's input convention
-    source: str  # "calib-dir /abs/path" or "skimage photos"
+    ``feeds`` is an array (the bundled photos) or a :class:`StreamFeeds` (a ``--calib-dir`` folder,
+    decoded again on each calibration pass so that a large folder never sits in memory at once).
+    """
+
+    feeds: Feeds
+    source: str  # "calib-dir /abs/path" or "bundled calibration photos ..."
     files: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "images": int(self.feeds.shape[0]),
-                "files": list(self.files[:8]) + (["..."] if len(self.files) > 8 else [])}
+        d: dict[str, Any] = {"source": self.source, "images": feed_count(self.feeds)}
+        if isinstance(self.feeds, StreamFeeds):
+            st = self.feeds.stream
+            names = [f.name for f in st.used]
+            d.update({"files": names[:8] + (["..."] if len(names) > 8 else []), "summary": st.summary(),
+                      "skipped": [str(x) for x in st.skipped]})
+        else:
+            d["files"] = list(self.files[:8]) + (["..."] if len(self.files) > 8 else [])
+        return d
 
 
 def calibration_set(*, image_size: tuple[int, int], calib_dir: Optional[Path], calib_images: int,
                     crop_pct: float, mean: Sequence[float], std: Sequence[float],
                     input_kind: str = "tensor") -> CalibrationSet:
-    """Load the calibration images as model inputs.
+    """The calibration images as model inputs (a folder is streamed, see :class:`StreamFeeds`).
 
     Args:
         image_size: (height, width) in pixels.
-        calib_dir: folder of jpg/png/bmp/webp images; ``None`` uses the bundled calibration photos
+        calib_dir: folder of images; ``None`` uses the bundled calibration photos
             (:func:`nextvit_deploy.data.calibration_photos`, none of which ``verify`` uses).
         calib_images: cap on the number of images (sorted file order).
         crop_pct, mean, std: the variant's preprocessing.
         input_kind: ``"tensor"`` feeds normalised images, ``"image"`` RGB 0..255. Defaults to "tensor".
 
     Raises:
-        BadInput: empty or missing folder, unreadable image, ``calib_images < 1``.
+        BadInput: empty or missing folder, no usable image, ``calib_images < 1``.
     """
-    from ..data import CALIBRATION_SOURCES, CALIBRATION_VIEWS, calibration_photos, load_image_dir, normalize
+    from ..data import (CALIBRATION_SOURCES, CALIBRATION_VIEWS, calibration_photos, iter_image_dir, normalize,
+                        scan_image_dir)
 
     if calib_images < 1:
         raise BadInput(f"--calib-images must be at least 1, got {calib_images}")
+
+    def convert(images: np.ndarray) -> np.ndarray:
+        return normalize(images, mean, std) if input_kind == "tensor" else (images * 255.0).astype(np.float32)
+
     if calib_dir is not None:
-        images, files = load_image_dir(calib_dir, image_size, limit=calib_images, crop_pct=crop_pct)
-        source, names = f"calib-dir {Path(calib_dir).resolve()}", tuple(f.name for f in files)
-    else:
-        n = min(calib_images, len(CALIBRATION_SOURCES) * len(CALIBRATION_VIEWS))
-        images = calibration_photos(n, image_size, crop_pct=crop_pct)
-        source = (f"bundled calibration photos (no --calib-dir; {n} views of scikit-learn/scikit-image photos "
-                  "that verify does not use)")
-        names = ()
-    feeds = normalize(images, mean, std) if input_kind == "tensor" else (images * 255.0).astype(np.float32)
-    return CalibrationSet(feeds=feeds, source=source, files=names)
+        scan_image_dir(calib_dir, limit=calib_images)  # headers only: a folder without usable images fails now
+        stream = iter_image_dir(calib_dir, image_size, limit=calib_images, crop_pct=crop_pct)
+        return CalibrationSet(feeds=StreamFeeds(stream, convert), source=f"calib-dir {Path(calib_dir).resolve()}")
+    n = min(calib_images, len(CALIBRATION_SOURCES) * len(CALIBRATION_VIEWS))
+    source = (f"bundled calibration photos (no --calib-dir; {n} views of scikit-learn/scikit-image photos "
+              "that verify does not use)")
+    return CalibrationSet(feeds=convert(calibration_photos(n, image_size, crop_pct=crop_pct)), source=source)
 
 
 def float_tensor_types(model) -> dict[str, int]:
@@ -182,14 +245,14 @@ def feed_chunks(feeds: np.ndarray, batch: int, *, static: Optional[int] = None) 
     return out
 
 
-def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[str]] = None,
+def measure_activations(model, feeds: Feeds, *, tensors: Optional[Iterable[str]] = None,
                         percentile: Optional[float] = None, histograms: Sequence[str] = (), batch: int = 4,
                         threads: Optional[int] = None) -> dict[str, TensorRange]:
     """Run the fp32 ``model`` on ONNX Runtime CPU with intermediate tensors exposed; return their ranges.
 
     Args:
         model: an ``onnx.ModelProto`` with a single float32 input.
-        feeds: float32 NCHW calibration inputs; run ``batch`` at a time.
+        feeds: float32 NCHW calibration inputs (an array or a :class:`StreamFeeds`); run ``batch`` at a time.
         tensors: names to measure. Defaults to every float32 tensor produced by a node.
         percentile: also report this percentile of |x| (e.g. 99.99), read from a histogram collected for
             every measured tensor. Defaults to none (absmax only).
@@ -226,7 +289,7 @@ def measure_activations(model, feeds: np.ndarray, *, tensors: Optional[Iterable[
     tiny = dict.fromkeys(wanted, 0)
     nonzero = dict.fromkeys(wanted, 0)
     hists = {n: _AbsHistogram() for n in wanted if n in hist_names}
-    for chunk in feed_chunks(feeds, batch, static=static_batch(model)):
+    for chunk in feed_batches(feeds, batch, static=static_batch(model)):
         outs = dict(zip(fetch, sess.run(fetch, {input_name: chunk}))) if fetch else {}
         outs.update({n: chunk for n in wanted if n in inputs})
         for name in wanted:
@@ -293,7 +356,7 @@ def apply_precision(src: Path, dst: Path, req: "ExportRequest", *, convention: C
     return details
 
 
-def transform_graph(model, precision: str, calibration: np.ndarray, *, convention: Convention,
+def transform_graph(model, precision: str, calibration: Feeds, *, convention: Convention,
                     int8: Optional["Int8Options"] = None,
                     progress: Callable[[str], None] = lambda _m: None) -> tuple[Any, dict[str, Any]]:
     """The precision transform itself, on an in-memory fp32 graph: what ``export`` and ``bench`` share.
