@@ -536,7 +536,9 @@ def _full_disk(case: Case, d: Path) -> Outcome:
 def _concurrent(case: Case, d: Path) -> Outcome:
     t0 = time.perf_counter()
     first = _popen(case.args, d)
-    time.sleep(6.0)
+    for line in first.stderr:  # start the second export while the first holds the name's lock (it is tracing)
+        if "tracing" in line:
+            break
     second = _popen([*case.args, "--force", "--seed", "1"], d)
     out2, err2 = second.communicate(timeout=case.timeout)
     out1, err1 = first.communicate(timeout=case.timeout)
