@@ -386,14 +386,6 @@ def calibrated_amax(r: TensorRange, options: Int8Options) -> float:
     return max(min(amax, r.absmax) if r.absmax > 0 else amax, MIN_AMAX)
 
 
-def _name_nodes(model) -> None:
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
-        seen.add(node.name)
-
-
 def quantize_trt(model, calibration: Feeds, *, options: Int8Options = Int8Options(),
                  progress: Optional[Callable[[str], None]] = None) -> Int8Result:
     """The TensorRT-convention Q/DQ graph of the fp32 ``model`` (see the module docstring).
@@ -524,6 +516,8 @@ def quantize_trt(model, calibration: Feeds, *, options: Int8Options = Int8Option
 
 def model_with_names(model):
     """A copy of ``model`` whose nodes all have unique names (the names the Q/DQ graph uses)."""
+    from .fp16 import _name_nodes  # the same names the fp16 transform gives (it runs on this graph after)
+
     onnx = require("onnx")
     m = onnx.ModelProto()
     m.CopyFrom(model)
