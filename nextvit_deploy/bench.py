@@ -522,11 +522,12 @@ def trt_ready_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path)
         return onnx_path
     import onnx
 
+    from nextvit_model import IMAGENET_MEAN, IMAGENET_STD
+
     from .data import calibration_photos, normalize
     from .export.precision import transform_graph
 
-    calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), (0.485, 0.456, 0.406),
-                      (0.229, 0.224, 0.225))
+    calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), IMAGENET_MEAN, IMAGENET_STD)
     model, _ = transform_graph(onnx.load(str(onnx_path)), precision, calib, convention="tensorrt")
     onnx.save(model, str(out))
     return out

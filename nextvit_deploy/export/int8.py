@@ -315,8 +315,9 @@ def plan_qdq(model, options: Int8Options = Int8Options()) -> QdqPlan:
                                  "weight" if gr.is_const(weight) else "activation"))
         quantized.add(node.name)
     if options.residual:
+        by_name = {n.name: n for n in gr.nodes}
         for add, idx in residual_inputs(model).items():
-            node = next(n for n in gr.nodes if n.name == add)
+            node = by_name[add]
             fused = _conv_backbone(gr, node.input[1 - idx])
             if fused is not None and fused.name in quantized:
                 sites.append(QdqSite(add, "Add", idx, node.input[idx], "residual"))
@@ -415,8 +416,9 @@ def quantize_trt(model, calibration: Feeds, *, options: Int8Options = Int8Option
                          f"has {opset}: export with --opset {FP16_SCALE_OPSET} or keep fp32 regions")
     if options.method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {options.method!r}: choose {', '.join(CALIBRATION_METHODS)}")
-    named = model_with_names(model)
-    m = model_with_names(model)
+    named = model_with_names(model)  # stays fp32: the fp16 keep decision reads it below
+    m = onnx.ModelProto()
+    m.CopyFrom(named)
     plan = plan_qdq(m, options)
     acts = plan.activations
     say(f"int8: calibrating {len(acts)} activation tensors on {feed_count(calibration)} images ({options.describe()})")

@@ -15,7 +15,6 @@ INT8: the U8 activation / S8 weight QDQ graph ONNX Runtime accelerates on x86).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
@@ -47,8 +46,6 @@ class TensorRange:
 
     Attributes:
         absmax: largest |x| seen.
-        percentile: the ``q``-th percentile of |x| (``q`` given to :func:`measure_activations`),
-            read from the histogram; equals ``absmax`` when no histogram was collected.
         tiny_fraction: fraction of the non-zero values whose magnitude is below fp16's smallest normal
             number (they would lose precision or flush to zero in fp16).
         histogram: counts of |x| in :data:`HISTOGRAM_BINS` equal bins over ``[0, bin_width * bins]``
@@ -57,7 +54,6 @@ class TensorRange:
     """
 
     absmax: float
-    percentile: float
     tiny_fraction: float
     histogram: Optional[np.ndarray] = None
     bin_width: float = 0.0
@@ -116,18 +112,12 @@ class StreamFeeds:
         return min(n, self.stream.limit) if self.stream.limit else n
 
     def batches(self, batch: int, *, static: Optional[int] = None) -> Iterator[np.ndarray]:
-        """One pass in runs of ``batch`` images; a static-batch graph gets exactly ``static`` per run, the last
-        run topped up with images from the first (maxima and histograms barely move)."""
-        size = static or batch
-        first: Optional[np.ndarray] = None
-        for chunk in self.stream.batches(size):
-            chunk = np.ascontiguousarray(self.convert(chunk), dtype=np.float32)
-            if first is None:
-                first = chunk
-            if static and chunk.shape[0] < static:
-                chunk = np.concatenate([chunk, first[np.arange(static - chunk.shape[0]) % first.shape[0]]])
+        """One pass in runs of ``batch`` images (exactly ``static`` for a static-batch graph, see :func:`_runs`)."""
+        yielded = False
+        for chunk in _runs((self.convert(c) for c in self.stream.batches(static or batch)), static):
+            yielded = True
             yield chunk
-        if first is None:
+        if not yielded:
             raise BadInput(f"no usable calibration image in {self.stream.directory} ({self.stream.summary()}): "
                            "add .jpg/.png photos to --calib-dir")
 
@@ -140,10 +130,24 @@ def feed_count(feeds: Feeds) -> int:
     return int(feeds.shape[0]) if isinstance(feeds, np.ndarray) else feeds.count
 
 
+def _runs(chunks: Iterable[np.ndarray], static: Optional[int]) -> Iterator[np.ndarray]:
+    """float32 runs of ``chunks``; for a static-batch graph a short run is topped up with images of the first
+    run to exactly ``static`` images (maxima and histograms barely move)."""
+    first: Optional[np.ndarray] = None
+    for chunk in chunks:
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        if first is None:
+            first = chunk
+        if static and chunk.shape[0] < static:
+            chunk = np.concatenate([chunk, first[np.arange(static - chunk.shape[0]) % first.shape[0]]])
+        yield chunk
+
+
 def feed_batches(feeds: Feeds, batch: int, *, static: Optional[int] = None) -> Iterator[np.ndarray]:
     """One pass over ``feeds`` in runs of ``batch`` (exactly ``static`` for a static-batch graph)."""
     if isinstance(feeds, np.ndarray):
-        return iter(feed_chunks(feeds, batch, static=static))
+        size = static or batch
+        return _runs((feeds[i:i + size] for i in range(0, feeds.shape[0], size)), static)
     return feeds.batches(batch, static=static)
 
 
@@ -231,22 +235,8 @@ def static_batch(model) -> Optional[int]:
     return int(dims[0].dim_value) if dims and dims[0].dim_value > 0 else None
 
 
-def feed_chunks(feeds: np.ndarray, batch: int, *, static: Optional[int] = None) -> list[np.ndarray]:
-    """Split ``feeds`` into runs of ``batch`` images; a static-batch graph gets exactly ``static`` images per
-    run, the last run topped up with images from the start of the set (maxima and percentiles barely move)."""
-    if static is None:
-        return [np.ascontiguousarray(feeds[i:i + batch], dtype=np.float32) for i in range(0, feeds.shape[0], batch)]
-    out = []
-    for start in range(0, feeds.shape[0], static):
-        chunk = feeds[start:start + static]
-        if chunk.shape[0] < static:
-            chunk = np.concatenate([chunk, feeds[np.arange(static - chunk.shape[0]) % feeds.shape[0]]])
-        out.append(np.ascontiguousarray(chunk, dtype=np.float32))
-    return out
-
-
 def measure_activations(model, feeds: Feeds, *, tensors: Optional[Iterable[str]] = None,
-                        percentile: Optional[float] = None, histograms: Sequence[str] = (), batch: int = 4,
+                        histograms: Sequence[str] = (), batch: int = 4,
                         threads: Optional[int] = None) -> dict[str, TensorRange]:
     """Run the fp32 ``model`` on ONNX Runtime CPU with intermediate tensors exposed; return their ranges.
 
@@ -254,9 +244,8 @@ def measure_activations(model, feeds: Feeds, *, tensors: Optional[Iterable[str]]
         model: an ``onnx.ModelProto`` with a single float32 input.
         feeds: float32 NCHW calibration inputs (an array or a :class:`StreamFeeds`); run ``batch`` at a time.
         tensors: names to measure. Defaults to every float32 tensor produced by a node.
-        percentile: also report this percentile of |x| (e.g. 99.99), read from a histogram collected for
-            every measured tensor. Defaults to none (absmax only).
-        histograms: tensors that get an |x| histogram (for INT8 calibration) even without ``percentile``.
+        histograms: tensors that also get an |x| histogram (INT8 calibration reads percentiles and the
+            entropy threshold off it, :meth:`TensorRange.quantile`).
         batch: images per ONNX Runtime run (memory: every intermediate of the batch is held at once).
         threads: intra-op threads. Defaults to ONNX Runtime's choice.
 
@@ -270,7 +259,7 @@ def measure_activations(model, feeds: Feeds, *, tensors: Optional[Iterable[str]]
     wanted = [t for t in produced if types.get(t) == onnx.TensorProto.FLOAT] if tensors is None else list(tensors)
     wanted = list(dict.fromkeys([*wanted, *histograms])) if tensors is None else list(dict.fromkeys(wanted))
     inputs = {vi.name for vi in model.graph.input}
-    hist_names = set(wanted) if percentile is not None else set(histograms) & set(wanted)
+    hist_names = set(histograms) & set(wanted)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -306,12 +295,8 @@ def measure_activations(model, feeds: Feeds, *, tensors: Optional[Iterable[str]]
     out = {}
     for n in wanted:
         h = hists.get(n)
-        r = TensorRange(absmax=absmax[n], percentile=absmax[n],
-                        tiny_fraction=tiny[n] / nonzero[n] if nonzero[n] else 0.0,
-                        histogram=h.counts if h else None, bin_width=h.width if h else 0.0)
-        if percentile is not None:
-            r = dataclasses.replace(r, percentile=r.quantile(percentile))
-        out[n] = r
+        out[n] = TensorRange(absmax=absmax[n], tiny_fraction=tiny[n] / nonzero[n] if nonzero[n] else 0.0,
+                             histogram=h.counts if h else None, bin_width=h.width if h else 0.0)
     return out
 
 
