@@ -76,7 +76,3 @@ app.command("doctor")(doctor_cmd)
 app.command("bench", epilog=BENCH_EXAMPLES)(bench)
 app.command("triton-repo", epilog=TRITON_REPO_EXAMPLES)(triton_repo_cmd)
 app.command("serve", epilog=SERVE_EXAMPLES)(serve_cmd)
-
-
-def main() -> None:
-    app()

@@ -225,8 +225,8 @@ def _image_models(artifact: Artifact, *, name: str, options: RepoOptions) -> dic
               "dtype": "float16" if model_in.data_type == "TYPE_FP16" else "float32"}
     param_text = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}'
                            for k, v in params.items())
-    image_in = (f'input [\n  {{\n    name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1 ]\n'
-                f'    allow_ragged_batch: true\n  }}\n]')
+    image_in = ('input [\n  {\n    name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1 ]\n'
+                '    allow_ragged_batch: true\n  }\n]')
     preprocess = "\n".join([
         f'name: "{pre_name}"', 'backend: "python"', f"max_batch_size: {hi}", image_in,
         f"output {_tensor_block([model_in], drop_batch=True)}",
