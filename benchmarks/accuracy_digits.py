@@ -26,9 +26,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ class TrainConfig:
     lr: float = 2e-3
     seed: int = 0
     train_fraction: float = 1.0  # of the training split (the short run uses less)
-    max_seconds: Optional[float] = None  # stop training early after this many seconds
+    max_seconds: float | None = None  # stop training early after this many seconds
 
 
 FULL = TrainConfig()
@@ -129,9 +130,8 @@ def digits_split(size: int = IMAGE_SIZE, *, seed: int = 0) -> tuple[np.ndarray, 
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from nextvit_model import IMAGENET_MEAN, IMAGENET_STD
-
     from nextvit_deploy.data import normalize
+    from nextvit_model import IMAGENET_MEAN, IMAGENET_STD
 
     d = load_digits()
     x = d.images.astype(np.float32) / 16.0
@@ -215,7 +215,7 @@ def export_graphs(model, out_dir: Path, calib: np.ndarray, *, batch_max: int = 6
     return {"paths": paths, "fp16": fp16, "int8_trt": trt, "int8_ort": ort8, "trt_compat": compat}
 
 
-def _session(path: Path, threads: Optional[int] = None):
+def _session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -237,7 +237,7 @@ def top1_torch(model, x: np.ndarray, y: np.ndarray, *, batch: int = 128) -> floa
     return float((np.concatenate(preds) == y).mean() * 100.0)
 
 
-def median_ms(path: Path, feed: np.ndarray, *, warmup: int = 3, iters: int = 20, threads: Optional[int] = None) -> float:
+def median_ms(path: Path, feed: np.ndarray, *, warmup: int = 3, iters: int = 20, threads: int | None = None) -> float:
     sess = _session(path, threads)
     for _ in range(warmup):
         sess.run(None, {"input": feed})
@@ -277,7 +277,7 @@ def nextvit_s_speed(out_dir: Path, *, iters: int, log: Callable[[str], None] = p
     return speed_row("nextvit_small 224", arts["fp32"].path, arts["int8"].path, feed, iters=iters)
 
 
-def run(cfg: TrainConfig, *, out_dir: Optional[Path] = None, calib_images: int = 128, speed_iters: int = 10,
+def run(cfg: TrainConfig, *, out_dir: Path | None = None, calib_images: int = 128, speed_iters: int = 10,
         speed_s: bool = False, variants: Sequence[str] = tuple(INT8_TRT_VARIANTS),
         log: Callable[[str], None] = print) -> AccuracyTable:
     """Train, transform, evaluate; returns the table (nothing written)."""
@@ -321,7 +321,7 @@ def _int8_summary(res) -> dict[str, Any]:
                                   "scale_dtype", "fp32_kept_count", "notes")}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--short", action="store_true", help="the short version the test suite gates on")
     ap.add_argument("--speed-s", action="store_true", help="also time Next-ViT-S 224 fp32 vs int8 (ORT x86)")

@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 _EXE = Path(sys.executable).with_name("nextvit-deploy")
@@ -49,17 +49,17 @@ class Case:
     category: str
     name: str
     args: list[str]
-    setup: Optional[Setup] = None
+    setup: Setup | None = None
     expect: int = 2
     contains: str = ""  # a fragment the stderr line must hold (the fix it names)
     creates: tuple[str, ...] = ()  # paths a success may add (relative to the case folder)
     timeout: float = 180.0
-    runner: Optional[Callable[["Case", Path], "Outcome"]] = None  # special cases (signals, concurrency)
+    runner: Callable[[Case, Path], Outcome] | None = None  # special cases (signals, concurrency)
 
 
 @dataclass
 class Outcome:
-    rc: Optional[int]
+    rc: int | None
     stdout: str
     stderr: str
     seconds: float
@@ -123,8 +123,8 @@ class Fixtures:
             self._state = _small_state()
         return self._state
 
-    def artifact_copy(self, d: Path, *, edit: Optional[dict] = None, copy_bytes: bool = False,
-                      raw_manifest: Optional[str] = None) -> Path:
+    def artifact_copy(self, d: Path, *, edit: dict | None = None, copy_bytes: bool = False,
+                      raw_manifest: str | None = None) -> Path:
         src = self.base / ARTIFACT
         dst = d / ARTIFACT
         if copy_bytes:
@@ -481,7 +481,7 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _popen(args: list[str], cwd: Path, *, preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.Popen:
+def _popen(args: list[str], cwd: Path, *, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "NEXTVIT_DEBUG"}
 
     def prepare() -> None:

@@ -96,7 +96,7 @@ def main() -> None:
                 b = measure(r, {"input": x}, warmup=args.warmup, iters=args.iters)
             xt = torch.from_numpy(x)
             with torch.inference_mode():
-                c = measure(lambda: model(xt), warmup=args.warmup, iters=args.iters)
+                c = measure(lambda xt=xt: model(xt), warmup=args.warmup, iters=args.iters)
             rows.append({"batch": batch,
                          "ours_ms": a.median_ms, "official_ms": b.median_ms, "eager_ms": c.median_ms,
                          "ours_p90_ms": a.p90_ms, "official_p90_ms": b.p90_ms, "eager_p90_ms": c.p90_ms,

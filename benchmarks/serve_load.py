@@ -31,9 +31,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 results: dict[tuple[int, str], list[dict[str, Any]]] = {}
                 for c in clients:
-                    for p, factory in paths.items():  # warm-up: every thread's client connects once
+                    for factory in paths.values():  # warm-up: every thread's client connects once
                         run_cell(factory(), clients=c, requests=c * 2, time_limit_s=args.cell_time_s)
                     for _ in range(args.rounds):
                         for p, factory in paths.items():

@@ -5,7 +5,6 @@ The only entry point is :func:`create_model`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_into, read_checkpoint, remap_state_dict
 from .nextvit import (
@@ -43,11 +42,11 @@ __all__ = [
 def create_model(
     variant: str = "nextvit_small",
     *,
-    checkpoint: Optional[str | Path] = None,
-    num_classes: Optional[int] = None,
+    checkpoint: str | Path | None = None,
+    num_classes: int | None = None,
     features_only: bool = False,
-    out_norms: Optional[bool] = None,
-    depths: Optional[tuple[int, int, int, int]] = None,
+    out_norms: bool | None = None,
+    depths: tuple[int, int, int, int] | None = None,
 ) -> NextViT:
     """Build a Next-ViT in eval mode, optionally loading a checkpoint of any known layout.
 

@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -43,8 +43,8 @@ class CheckpointError(ValueError):
 class LoadedCheckpoint:
     state_dict: dict[str, torch.Tensor]  # already in this package's (timm) key layout
     layout: Layout
-    variant: Optional[str]  # the variant whose depths the keys describe, None when undecidable
-    num_classes: Optional[int]  # None for backbone checkpoints
+    variant: str | None  # the variant whose depths the keys describe, None when undecidable
+    num_classes: int | None  # None for backbone checkpoints
     has_out_norms: bool
 
 
@@ -103,11 +103,11 @@ def _detect_layout(keys: list[str], path: Path) -> Layout:
         "such as features.N.* (official), backbone.features.N.* (detection/segmentation) or stages.N.* (timm)")
 
 
-def _variant_for_total(total_blocks: int) -> Optional[VariantCfg]:
+def _variant_for_total(total_blocks: int) -> VariantCfg | None:
     return next((c for c in VARIANTS.values() if sum(c.depths) == total_blocks), None)
 
 
-def _official_to_timm(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], Optional[str]]:
+def _official_to_timm(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     block_ids = {int(m.group(1)) for k in state if (m := re.match(r"features\.(\d+)\.", k))}
     total = max(block_ids) + 1
     cfg = _variant_for_total(total)

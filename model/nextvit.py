@@ -14,8 +14,8 @@ calls it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -258,8 +258,8 @@ class EfficientAttention(nn.Module):
         self.sr_ratio = sr_ratio
         self.pool_size = sr_ratio ** 2
         if sr_ratio > 1:
-            self.sr: Optional[nn.Module] = nn.AvgPool1d(kernel_size=self.pool_size, stride=self.pool_size)
-            self.norm: Optional[nn.Module] = nn.BatchNorm1d(dim, eps=NORM_EPS)
+            self.sr: nn.Module | None = nn.AvgPool1d(kernel_size=self.pool_size, stride=self.pool_size)
+            self.norm: nn.Module | None = nn.BatchNorm1d(dim, eps=NORM_EPS)
         else:
             self.sr = None
             self.norm = None
@@ -413,7 +413,7 @@ def stage_resolutions(height: int, width: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def _fits(height: int, width: int, sr_ratios: Sequence[int]) -> Optional[tuple[int, int, int, int]]:
+def _fits(height: int, width: int, sr_ratios: Sequence[int]) -> tuple[int, int, int, int] | None:
     """None when the size fits, else (stage, h, w, pooled tokens) of the first stage that does not."""
     sizes = stage_resolutions(height, width)
     for stage_idx, sr in enumerate(sr_ratios):
@@ -508,10 +508,10 @@ class NextViT(nn.Module):
         ]
         self.num_features = in_chs
         if features_only:
-            self.out_norms: Optional[nn.ModuleList] = (
+            self.out_norms: nn.ModuleList | None = (
                 nn.ModuleList(nn.BatchNorm2d(c[-1], eps=NORM_EPS) for c in stage_chs) if out_norms else None)
             self.norm: nn.Module = nn.Identity()
-            self.head: Optional[ClassifierHead] = None
+            self.head: ClassifierHead | None = None
         else:
             self.out_norms = None
             self.norm = nn.BatchNorm2d(in_chs, eps=NORM_EPS)

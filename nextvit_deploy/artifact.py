@@ -28,10 +28,11 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal
 
 from .errors import ArtifactError, BadInput
 
@@ -121,7 +122,7 @@ def _broken_link(d: Path) -> bool:
     return d.is_symlink() and not d.exists()
 
 
-def check_writable_dir(directory: str | Path, *, flag: Optional[str] = "--out") -> Path:
+def check_writable_dir(directory: str | Path, *, flag: str | None = "--out") -> Path:
     """Create ``directory`` if needed and check it can be written, with a one-line error otherwise.
 
     ``flag`` is the option the user can change (named in the message); None says "another folder".
@@ -330,9 +331,9 @@ class Stage:
     final: Path
     path: Path
     published: bool = False
-    _manifest_tmp: Optional[Path] = None
+    _manifest_tmp: Path | None = None
 
-    def publish(self, art: "Artifact") -> "Artifact":
+    def publish(self, art: Artifact) -> Artifact:
         """Write the manifest of ``art`` (whose ``sha256`` describes ``path``), then move both into place."""
         art = art.replace(path=self.final)
         text = json.dumps(art.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -365,7 +366,7 @@ def publishing(final: str | Path, *, kind: Kind = "file") -> Iterator[Stage]:
     created = _missing_ancestors(final.parent)
     check_writable_dir(final.parent)
     _refuse_kind_change(final, kind)
-    stage: Optional[Stage] = None
+    stage: Stage | None = None
     try:
         with artifact_lock(final):
             clean_stale_temps(final)
@@ -397,7 +398,7 @@ def _missing_ancestors(d: Path) -> list[Path]:
     return out
 
 
-def read_manifest(artifact_path: str | Path) -> Optional[dict[str, Any]]:
+def read_manifest(artifact_path: str | Path) -> dict[str, Any] | None:
     """The raw manifest beside ``artifact_path``, or None when there is none or it is not JSON."""
     m = manifest_path(artifact_path)
     try:
@@ -429,12 +430,12 @@ class Artifact:
     output_names: tuple[str, ...]
     preprocessing: dict[str, Any]
     sha256: str
-    checkpoint: Optional[str] = None
-    checkpoint_sha256: Optional[str] = None
-    seed: Optional[int] = None
-    depths: Optional[tuple[int, int, int, int]] = None  # only for non-standard (test) depths
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    seed: int | None = None
+    depths: tuple[int, int, int, int] | None = None  # only for non-standard (test) depths
     num_classes: int = 1000
-    opset: Optional[int] = None
+    opset: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created_utc: str = field(default_factory=utc_now)
     details: dict[str, Any] = field(default_factory=dict)  # target-specific facts (fp32 nodes, engine info, ...)
@@ -458,11 +459,11 @@ class Artifact:
         atomic_write_text(self.manifest, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return self.manifest
 
-    def replace(self, **changes: Any) -> "Artifact":
+    def replace(self, **changes: Any) -> Artifact:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def load(cls, path: str | Path, *, check_sha: bool = True) -> "Artifact":
+    def load(cls, path: str | Path, *, check_sha: bool = True) -> Artifact:
         """Read the artifact at ``path`` from its manifest, checking that the file is the one described.
 
         Checks, each a one-line :class:`ArtifactError`: the manifest is JSON with known, well-typed fields

@@ -28,9 +28,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -77,18 +78,18 @@ class BenchConfig:
         opset: ONNX opset. Defaults to 17.
     """
 
-    models: Optional[tuple[str, ...]] = None
-    backends: Optional[tuple[str, ...]] = None
+    models: tuple[str, ...] | None = None
+    backends: tuple[str, ...] | None = None
     batch: int = 8
     precision: str = "fp32"
-    image_size: Optional[tuple[int, int]] = None
+    image_size: tuple[int, int] | None = None
     warmup: int = 1
     iters: int = 20
-    duration_s: Optional[float] = 5.0
-    threads: Optional[int] = None
+    duration_s: float | None = 5.0
+    threads: int | None = None
     task: str = "cls"
     full: bool = False
-    simplify: Optional[bool] = None
+    simplify: bool | None = None
     opset: int = 17
 
     @property
@@ -155,19 +156,19 @@ class BenchRow:
     gmacs: float
     params_m: float
     achieved_gflops: float
-    peak_fraction: Optional[float]
-    paper_trt_ms: Optional[float]
-    paper_coreml_ms: Optional[float]
-    paper_metric: Optional[float]
+    peak_fraction: float | None
+    paper_trt_ms: float | None
+    paper_coreml_ms: float | None
+    paper_metric: float | None
     metric: str
     paper_status: str
     paper_column: str
-    ratio_resnet101: Optional[float] = None
-    paper_ratio_resnet101: Optional[float] = None
-    flag_resnet101: Optional[str] = None
-    ratio_nextvit_s: Optional[float] = None
-    paper_ratio_nextvit_s: Optional[float] = None
-    flag_nextvit_s: Optional[str] = None
+    ratio_resnet101: float | None = None
+    paper_ratio_resnet101: float | None = None
+    flag_resnet101: str | None = None
+    ratio_nextvit_s: float | None = None
+    paper_ratio_nextvit_s: float | None = None
+    flag_nextvit_s: str | None = None
     notes: tuple[str, ...] = ()
 
     @property
@@ -602,7 +603,7 @@ def _matmul_onnx(path: Path, b: np.ndarray) -> None:
 
 
 def measure_peak(backend: str, status: BackendStatus, *, precision: str, threads: int, tmp: Path,
-                 n: Optional[int] = None) -> Optional[PeakResult]:
+                 n: int | None = None) -> PeakResult | None:
     """Dense ``n x n`` MatMul GFLOP/s through ``backend`` on its device, from the fastest of its timed
     runs (a peak, so that a busy moment does not lower it; ``bench`` measures it before and after the
     rows and keeps the better). None where the harness cannot measure it
@@ -640,7 +641,7 @@ def measure_peak(backend: str, status: BackendStatus, *, precision: str, threads
 # --------------------------------------------------------------------------------------------------
 # Ratios and flags.
 # --------------------------------------------------------------------------------------------------
-def ordering_flag(measured: Optional[float], paper: Optional[float], *, tie: float = TIE_BAND) -> Optional[str]:
+def ordering_flag(measured: float | None, paper: float | None, *, tie: float = TIE_BAND) -> str | None:
     """``""`` when a measured ratio is on the same side of 1 as the published one, ``"flip"`` when not,
     ``"flip~"`` when not but the paper's ratio is within ``tie`` of 1 (a near tie); None if one is missing."""
     if measured is None or paper is None:
@@ -675,7 +676,7 @@ def _with_ratios(rows: list[BenchRow], *, task: str, side: int) -> list[BenchRow
 # --------------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------------
-def bench(cfg: BenchConfig, *, progress: Optional[BenchProgress] = None) -> BenchReport:
+def bench(cfg: BenchConfig, *, progress: BenchProgress | None = None) -> BenchReport:
     """Measure every model x backend of ``cfg``; returns the :class:`BenchReport`.
 
     Errors the user can fix (unknown model/backend, bad numbers, missing timm for a named baseline)
@@ -857,7 +858,7 @@ def _fmt(value: Any, spec: str = ".2f", empty: str = "–") -> str:
     return format(value, spec)
 
 
-def _flag(value: Optional[str]) -> str:
+def _flag(value: str | None) -> str:
     return {"flip": "**flip**", "flip~": "flip~ (tie in paper)", "": "same"}.get(value, "–") if value is not None \
         else "–"
 
@@ -876,7 +877,7 @@ def labels_line(d: dict[str, Any]) -> str:
             f"measured {lab.get('date_utc', '')}")
 
 
-def render_markdown(d: dict[str, Any], *, title: Optional[str] = None) -> str:
+def render_markdown(d: dict[str, Any], *, title: str | None = None) -> str:
     """Markdown of a bench report dict: labels, main table, ratios table, peaks, skipped backends."""
     cfg = d["config"]
     h, w = cfg["image_size"]

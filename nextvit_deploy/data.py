@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -265,7 +265,7 @@ class ImageStream:
     directory: Path
     files: list[Path]
     size: tuple[int, int]
-    limit: Optional[int] = None
+    limit: int | None = None
     crop_pct: float = 0.95
     skipped: list[Skipped] = field(default_factory=list)
     used: list[Path] = field(default_factory=list)
@@ -304,7 +304,7 @@ class ImageStream:
         return text
 
 
-def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: Optional[int] = None,
+def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: int | None = None,
                    crop_pct: float = 0.95) -> ImageStream:
     """Stream the images of ``directory`` (sorted, recursive) one at a time, so memory stays at one image.
 
@@ -333,7 +333,7 @@ def _no_usable(d: Path, skipped: list[Skipped]) -> BadInput:
                     f"image{others}: remove or replace it")
 
 
-def _enough(d: Path, usable: int, limit: Optional[int], skipped: list[Skipped]) -> None:
+def _enough(d: Path, usable: int, limit: int | None, skipped: list[Skipped]) -> None:
     want = min(RECOMMENDED_CALIB_IMAGES, limit) if limit is not None else 1  # a library call without a count
     if usable == 0:
         raise _no_usable(d, skipped)
@@ -343,11 +343,12 @@ def _enough(d: Path, usable: int, limit: Optional[int], skipped: list[Skipped]) 
                        f"{RECOMMENDED_CALIB_IMAGES}, or pass --calib-images {usable} to calibrate on fewer")
 
 
-def scan_image_dir(directory: str | Path, *, limit: Optional[int] = None) -> tuple[list[Path], list[Skipped]]:
+def scan_image_dir(directory: str | Path, *, limit: int | None = None) -> tuple[list[Path], list[Skipped]]:
     """Check a calibration folder from the file headers alone (no decoding): cheap, run before any export.
 
     Accepts the folder when it holds at least ``min(32, limit)`` usable images, so fewer than 32 are
-    used only when asked for with ``--calib-images`` (without ``limit``, one image is enough). Returns (usable files up to ``limit``, skipped).
+    used only when asked for with ``--calib-images`` (without ``limit``, one image is enough).
+    Returns (usable files up to ``limit``, skipped).
     """
     d, images, _ = _folder_files(directory)
     usable: list[Path] = []
@@ -365,8 +366,8 @@ def scan_image_dir(directory: str | Path, *, limit: Optional[int] = None) -> tup
     return usable, skipped
 
 
-def load_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: Optional[int] = None,
-                   crop_pct: float = 0.95, skipped: Optional[list[Skipped]] = None) -> tuple[np.ndarray, list[Path]]:
+def load_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: int | None = None,
+                   crop_pct: float = 0.95, skipped: list[Skipped] | None = None) -> tuple[np.ndarray, list[Path]]:
     """Load and preprocess the images of ``directory`` (sorted, recursive) as float32 NCHW in [0, 1].
 
     Files that cannot be used (not decodable, decompression bombs, extreme strips) are skipped and, when

@@ -15,7 +15,7 @@ reproduce the paper's 5.8 / 8.3 / 10.8 G and 31.7 / 44.8 / 57.8 M.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +101,7 @@ def _custom_mapping() -> dict:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, image_size: tuple[int, int] = (224, 224), *, in_chans: int = 3,
-               device: Optional[str] = None) -> FlopCount:
+               device: str | None = None) -> FlopCount:
     """Count MACs per image and parameters of ``model`` with one batch-1 forward pass.
 
     Args:

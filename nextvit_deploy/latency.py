@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -59,13 +60,13 @@ class LatencyStats:
     timed_s: float
     stopped_by: str
     samples_ms: tuple[float, ...] = ()
-    gpu_median_ms: Optional[float] = None
-    gpu_p90_ms: Optional[float] = None
-    gpu_p99_ms: Optional[float] = None
+    gpu_median_ms: float | None = None
+    gpu_p90_ms: float | None = None
+    gpu_p99_ms: float | None = None
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float], *, warmup: int, stopped_by: str,
-                     gpu_samples_ms: Optional[Sequence[float]] = None) -> "LatencyStats":
+                     gpu_samples_ms: Sequence[float] | None = None) -> LatencyStats:
         """Summarise per-run times (milliseconds)."""
         if not samples_ms:
             raise ValueError("no timed runs to summarise")
@@ -154,7 +155,7 @@ class LatencyReport:
                 "stats": self.stats.to_dict()}
 
 
-def set_threads(threads: Optional[int]) -> int:
+def set_threads(threads: int | None) -> int:
     """Pin torch's intra-op threads (``None``: all cores) and return the number in effect."""
     import torch
 
@@ -165,7 +166,7 @@ def set_threads(threads: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
-def _as_call(fn_or_runner: Union[Runner, Callable[..., Any]], feed: Any) -> Callable[[], Any]:
+def _as_call(fn_or_runner: Runner | Callable[..., Any], feed: Any) -> Callable[[], Any]:
     if isinstance(fn_or_runner, Runner):
         if not fn_or_runner.is_active:
             raise RuntimeError(f"{fn_or_runner.name} must be activated ('with runner:') before measuring")
@@ -175,9 +176,9 @@ def _as_call(fn_or_runner: Union[Runner, Callable[..., Any]], feed: Any) -> Call
     return (lambda: fn_or_runner(feed)) if feed is not None else fn_or_runner
 
 
-def measure(fn_or_runner: Union[Runner, Callable[..., Any]], feed: Any = None, *, warmup: int = 1,
-            iters: int = TARGET_RUNS, min_duration_s: Optional[float] = None, cuda_events: bool = False,
-            on_run: Optional[Callable[[int, float], None]] = None) -> LatencyStats:
+def measure(fn_or_runner: Runner | Callable[..., Any], feed: Any = None, *, warmup: int = 1,
+            iters: int = TARGET_RUNS, min_duration_s: float | None = None, cuda_events: bool = False,
+            on_run: Callable[[int, float], None] | None = None) -> LatencyStats:
     """Time ``fn_or_runner`` on ``feed``.
 
     Args:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ArtifactError
 
 __all__ = ["MAX_CLASSES", "validate_fields", "check_suffix", "check_onnx_contents", "graph_precision"]
 
 from nextvit_model.checkpoint import MAX_CLASSES  # noqa: E402  (the model package owns the cap)
+
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}
 

@@ -11,8 +11,9 @@ random weights the top two logits are nearly tied.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ class Tolerance:
     atol: float
     rtol: float
     min_cosine: float
-    min_top5: Optional[float] = None
+    min_top5: float | None = None
     source: str = ""
     # Input cases (by name prefix) that gate; the others are measured and reported only.
     gated_cases: tuple[str, ...] = ("photos", "noise")
@@ -63,8 +64,8 @@ class OutputDiff:
     max_rel: float
     ref_max_abs: float
     cosine: float
-    top1_agree: Optional[float]  # fraction of the batch whose argmax agrees (classifier outputs)
-    top5_overlap: Optional[float]  # mean |top5(ref) & top5(cand)| over the batch (classifier outputs)
+    top1_agree: float | None  # fraction of the batch whose argmax agrees (classifier outputs)
+    top5_overlap: float | None  # mean |top5(ref) & top5(cand)| over the batch (classifier outputs)
     required_atol: float  # the smallest atol (with this rtol) that would have passed
     passed: bool
     failed_gates: tuple[str, ...] = ()  # "max_abs", "cosine", "top5", "finite": what made it fail

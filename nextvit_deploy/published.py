@@ -12,7 +12,7 @@ import csv
 import functools
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["PublishedRow", "published_rows", "lookup", "rows_for", "display_name", "PUBLISHED_PROTOCOL",
            "CSV_NAME", "TASK_ROWS", "DEFAULT_MODELS"]
@@ -36,12 +36,12 @@ class PublishedRow:
     """One row of the published table. Latencies in milliseconds; None where not published."""
 
     model: str
-    timm_name: Optional[str]
+    timm_name: str | None
     task: str
     image_size: int
-    trt_fp16_ms_batch8: Optional[float]
-    coreml_ms_batch1: Optional[float]
-    metric_value: Optional[float]
+    trt_fp16_ms_batch8: float | None
+    coreml_ms_batch1: float | None
+    metric_value: float | None
     metric: str
     status: str
     note: str
@@ -54,7 +54,7 @@ class PublishedRow:
         return asdict(self)
 
 
-def _float(text: str) -> Optional[float]:
+def _float(text: str) -> float | None:
     text = text.strip()
     return float(text) if text else None
 
@@ -73,7 +73,7 @@ def published_rows() -> tuple[PublishedRow, ...]:
     return tuple(rows)
 
 
-def lookup(name: str, *, task: str = "cls", image_size: int = 224) -> Optional[PublishedRow]:
+def lookup(name: str, *, task: str = "cls", image_size: int = 224) -> PublishedRow | None:
     """The published row for ``name`` (timm name or the paper's model name, any case) at ``task`` and
     ``image_size``; None when the paper has no such row."""
     key = name.strip().lower()

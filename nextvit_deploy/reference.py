@@ -8,7 +8,6 @@ photos. Identity BatchNorm (freshly initialised) would hide fusion bugs, so it i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -42,9 +41,9 @@ def realistic_batchnorm_(model: nn.Module, *, seed: int, images: torch.Tensor) -
     return model.eval()
 
 
-def build_model(variant: str, *, checkpoint: Optional[str | Path] = None, seed: Optional[int] = None,
-                features_only: bool = False, depths: Optional[tuple[int, int, int, int]] = None,
-                num_classes: Optional[int] = None) -> nn.Module:
+def build_model(variant: str, *, checkpoint: str | Path | None = None, seed: int | None = None,
+                features_only: bool = False, depths: tuple[int, int, int, int] | None = None,
+                num_classes: int | None = None) -> nn.Module:
     """The PyTorch Next-ViT an export starts from: a checkpoint's weights, or ``random_model(seed)``."""
     from nextvit_model import CheckpointError, create_model
 
@@ -59,8 +58,8 @@ def build_model(variant: str, *, checkpoint: Optional[str | Path] = None, seed: 
 
 
 def random_model(variant: str, *, seed: int = 0, features_only: bool = False,
-                 depths: Optional[tuple[int, int, int, int]] = None,
-                 num_classes: Optional[int] = None, image_size: int = 224) -> nn.Module:
+                 depths: tuple[int, int, int, int] | None = None,
+                 num_classes: int | None = None, image_size: int = 224) -> nn.Module:
     """Random Next-ViT reproducible from ``seed``, with realistic BatchNorm statistics."""
     from nextvit_model import create_model, resolve_variant
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class CompatIssue:
     rule: str  # short id: "opset", "operator", "dtype", "qdq-zero-point", "qdq-axis", "qdq-placement", ...
     node: str
     message: str
-    min_version: Optional[str] = None  # fixed from this TensorRT line on (opset/operator rules)
+    min_version: str | None = None  # fixed from this TensorRT line on (opset/operator rules)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"severity": self.severity, "rule": self.rule, "node": self.node, "message": self.message}
@@ -105,7 +105,7 @@ class CompatReport:
         return [i for i in self.issues if i.severity == "warning"]
 
     @property
-    def min_version(self) -> Optional[str]:
+    def min_version(self) -> str | None:
         """The oldest TensorRT line that parses the graph, or None."""
         ok = [v for v, passed in self.versions.items() if passed]
         return min(ok, key=_version_key) if ok else None
@@ -132,7 +132,7 @@ def _load(model_or_path):
     return model_or_path
 
 
-def check_trt_compat(model_or_path, *, trt_version: Optional[str] = None) -> CompatReport:
+def check_trt_compat(model_or_path, *, trt_version: str | None = None) -> CompatReport:
     """Check an ONNX model (``ModelProto`` or path) against TensorRT's ONNX parser rules.
 
     Args:
@@ -157,7 +157,7 @@ def check_trt_compat(model_or_path, *, trt_version: Optional[str] = None) -> Com
                                   f"ONNX shape inference failed ({str(exc).splitlines()[0][:120]}); "
                                   "dtype checks limited to declared tensors"))
 
-    def add(sev: Severity, rule: str, node: str, msg: str, min_version: Optional[str] = None) -> None:
+    def add(sev: Severity, rule: str, node: str, msg: str, min_version: str | None = None) -> None:
         issues.append(CompatIssue(sev, rule, node, msg, min_version))
 
     lines = {trt_version: TRT_LINES.get(trt_version, max(TRT_LINES.values()))} if trt_version else dict(TRT_LINES)
@@ -243,7 +243,7 @@ def _quantized_types(TensorProto) -> dict[int, str]:
     return out
 
 
-def _weight_axis(user, slot_rank: int) -> Optional[int]:
+def _weight_axis(user, slot_rank: int) -> int | None:
     """Output-channel axis of the weight input of a compute layer (None: no rule for that layer)."""
     if user.op_type == "Conv":
         return 0
@@ -263,13 +263,13 @@ def _check_qdq(g, opset, inits, const_out, types, shapes, producers, consumers, 
     if opset >= 19:
         scale_types.update({TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"})
 
-    def const(name: str) -> Optional[np.ndarray]:
+    def const(name: str) -> np.ndarray | None:
         if name in inits:
             return numpy_helper.to_array(inits[name])
         node = const_out.get(name)
         return numpy_helper.to_array(node.attribute[0].t) if node is not None else None
 
-    def dtype_name(t: Optional[int]) -> str:
+    def dtype_name(t: int | None) -> str:
         return TensorProto.DataType.Name(t) if t else "unknown"
 
     for node in g.node:

@@ -7,8 +7,8 @@ statistics). The candidate runner comes from the artifact's target row in ``TARG
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -31,7 +31,7 @@ def candidate_input(images01: np.ndarray, artifact: Artifact) -> np.ndarray:
     return normalize(images01, artifact.preprocessing["mean"], artifact.preprocessing["std"])
 
 
-def parity_cases(artifact: Artifact, *, max_batch: Optional[int] = None) -> list[tuple[str, np.ndarray]]:
+def parity_cases(artifact: Artifact, *, max_batch: int | None = None) -> list[tuple[str, np.ndarray]]:
     """(case name, images in [0, 1]) pairs: photos and noise, at batch 1 and the artifact's largest batch."""
     lo, _, hi = artifact.batch
     batches = sorted({lo, min(hi, max_batch) if max_batch else hi})
@@ -44,8 +44,8 @@ def parity_cases(artifact: Artifact, *, max_batch: Optional[int] = None) -> list
     return [(name, np.rint(images * 255.0).astype(np.float32) / 255.0) for name, images in cases]
 
 
-def verify_artifact(artifact: Artifact, *, tolerance: Optional[Tolerance] = None, max_batch: Optional[int] = None,
-                    runner_options: Optional[dict] = None, progress: Optional[Progress] = None) -> ParityReport:
+def verify_artifact(artifact: Artifact, *, tolerance: Tolerance | None = None, max_batch: int | None = None,
+                    runner_options: dict | None = None, progress: Progress | None = None) -> ParityReport:
     """Compare ``artifact`` against its PyTorch fp32 reference. Returns a report; never raises on mismatch."""
     say = progress or (lambda _m: None)
     tol = tolerance or tolerance_for(artifact.precision)

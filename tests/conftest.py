@@ -49,7 +49,7 @@ def photos224() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def s_checkpoint(tmp_path_factory, s_model) -> "Path":
+def s_checkpoint(tmp_path_factory, s_model) -> Path:
     """A plain state-dict checkpoint of the Next-ViT-S fixture (our/timm layout)."""
     path = tmp_path_factory.mktemp("ckpt") / "nextvit_small_timm.pth"
     torch.save(s_model.state_dict(), path)

@@ -14,8 +14,17 @@ from typer.testing import CliRunner
 
 from nextvit_deploy import published
 from nextvit_deploy._deps import available
-from nextvit_deploy.bench import (BenchConfig, BenchRow, _with_ratios, backend_status, bench, ordering_flag,
-                                  render_markdown, resolve_models, write_outputs)
+from nextvit_deploy.bench import (
+    BenchConfig,
+    BenchRow,
+    _with_ratios,
+    backend_status,
+    bench,
+    ordering_flag,
+    render_markdown,
+    resolve_models,
+    write_outputs,
+)
 from nextvit_deploy.errors import BadInput
 from nextvit_deploy.latency import LatencyReport, LatencyStats
 

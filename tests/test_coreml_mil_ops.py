@@ -134,9 +134,11 @@ def test_avg_pool2d_ceil_mode(run_op, exclude, size, pad):
 def test_avg_pool2d_ceil_mode_kernel3(run_op):
     x = rnd(1, 2, 10, 11)
     for exclude in (True, False):
-        (y,), _ = run_op(lambda mb, x: mb.avg_pool(x=x, kernel_sizes=[3, 3], strides=[2, 2], pad_type="custom",
-                                                   pad=[1, 1, 1, 1], ceil_mode=True,
-                                                   exclude_padding_from_average=exclude), x=x)
+        def pool(mb, x, exclude=exclude):
+            return mb.avg_pool(x=x, kernel_sizes=[3, 3], strides=[2, 2], pad_type="custom", pad=[1, 1, 1, 1],
+                               ceil_mode=True, exclude_padding_from_average=exclude)
+
+        (y,), _ = run_op(pool, x=x)
         close(y, F.avg_pool2d(t(x), 3, 2, padding=1, ceil_mode=True, count_include_pad=not exclude))
 
 

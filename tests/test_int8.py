@@ -9,8 +9,16 @@ from onnx import TensorProto, helper, numpy_helper
 from nextvit_deploy.artifact import Artifact
 from nextvit_deploy.data import calibration_photos, normalize, photos
 from nextvit_deploy.export import ExportRequest, export
-from nextvit_deploy.export.int8 import (CALIBRATION_METHODS, Int8Options, attention_matmuls, entropy_amax,
-                                        model_with_names, quantize_ort_x86, quantize_trt, residual_inputs)
+from nextvit_deploy.export.int8 import (
+    CALIBRATION_METHODS,
+    Int8Options,
+    attention_matmuls,
+    entropy_amax,
+    model_with_names,
+    quantize_ort_x86,
+    quantize_trt,
+    residual_inputs,
+)
 from nextvit_deploy.export.onnx import to_onnx
 from nextvit_deploy.fuse import fuse_model
 from nextvit_deploy.trt_compat import check_trt_compat

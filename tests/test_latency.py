@@ -11,7 +11,7 @@ from torch import nn
 
 from nextvit_deploy.backends.torch import TorchRunner
 from nextvit_deploy.errors import BadInput
-from nextvit_deploy.latency import (MIN_RUNS, SPREAD_WARN, LatencyReport, LatencyStats, measure, set_threads)
+from nextvit_deploy.latency import MIN_RUNS, SPREAD_WARN, LatencyReport, LatencyStats, measure, set_threads
 
 
 class Counter:

@@ -1,7 +1,6 @@
 """FP16 mixed-precision graphs: FP32-kept nodes chosen from measured ranges, verified on ONNX Runtime CPU."""
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest

@@ -18,8 +18,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from nextvit_deploy.artifact import (Artifact, ArtifactBusy, artifact_lock, atomic_path, atomic_write_text,
-                                     clean_stale_temps, manifest_path, publishing, sha256_path)
+from nextvit_deploy.artifact import (
+    Artifact,
+    ArtifactBusy,
+    artifact_lock,
+    atomic_path,
+    atomic_write_text,
+    clean_stale_temps,
+    manifest_path,
+    publishing,
+    sha256_path,
+)
 from nextvit_deploy.cli import app
 from nextvit_deploy.data import iter_image_dir, load_image_dir, scan_image_dir
 from nextvit_deploy.errors import ArtifactError, BadInput, CheckpointMismatch

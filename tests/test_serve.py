@@ -15,20 +15,21 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
-from conftest import SMALL_DEPTHS, requires
 from nextvit_deploy.artifact import Artifact
 from nextvit_deploy.backends.onnxrt import runner_for_artifact
 from nextvit_deploy.data import noise_images, normalize, photos, preprocess_pil
 from nextvit_deploy.errors import MissingDependency
 from nextvit_deploy.export import ExportRequest, export
 from nextvit_deploy.parity import compare_outputs, tolerance_for
+
+from conftest import SMALL_DEPTHS, requires
 
 
 def _why_not() -> str | None:
@@ -94,8 +95,9 @@ class Served:
         self.http, self.grpc, self.metrics = free_ports(3)
         env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}  # as from a plain shell
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from nextvit_deploy.cli import main; main()", "serve", str(artifact), "--http-port", str(self.http),
-             "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--timeout-s", "600", *extra],
+            [sys.executable, "-c", "from nextvit_deploy.cli import main; main()", "serve", str(artifact),
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+             "--timeout-s", "600", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         ready = threading.Event()

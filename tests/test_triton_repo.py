@@ -7,12 +7,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SMALL_DEPTHS, requires
 from nextvit_deploy.artifact import Artifact, sha256_path
 from nextvit_deploy.cli import app
 from nextvit_deploy.errors import BadInput, EngineNotBuilt
 from nextvit_deploy.export import ExportRequest, export
 from nextvit_deploy.serve.repo import RepoOptions, render_config, write_repository
+
+from conftest import SMALL_DEPTHS, requires
 
 pytestmark = requires("tritonclient")
 

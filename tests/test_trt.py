@@ -10,8 +10,14 @@ import pytest
 
 from nextvit_deploy.artifact import Artifact
 from nextvit_deploy.backends.onnxrt import OrtRunner
-from nextvit_deploy.backends.tensorrt import (EngineMismatch, check_engine_environment, read_sidecar,
-                                              runner_for_artifact, sidecar_path, trtexec_command)
+from nextvit_deploy.backends.tensorrt import (
+    EngineMismatch,
+    check_engine_environment,
+    read_sidecar,
+    runner_for_artifact,
+    sidecar_path,
+    trtexec_command,
+)
 from nextvit_deploy.errors import ArtifactError, EngineNotBuilt, MissingDependency
 from nextvit_deploy.export import ExportRequest, export
 

@@ -24,7 +24,7 @@ import enum
 import json
 import types
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -230,7 +230,7 @@ def make_tensorrt(version: str, cuda: RecordingCuda, *, parse_errors: tuple[str,
             self.builder_optimization_level = 3
             self.progress_monitor = None
             self.profiles: list[Profile] = []
-            self.cache: Optional[TimingCache] = None
+            self.cache: TimingCache | None = None
 
         def set_flag(self, flag) -> None:
             log.append(("config.set_flag", flag.name))

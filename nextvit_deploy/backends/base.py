@@ -8,8 +8,8 @@ No backend imports another; ``nextvit_deploy.targets.open_runner`` picks one for
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 import numpy as np
 
@@ -27,8 +27,8 @@ class TensorSpec:
 
     name: str
     dtype: str
-    shape: tuple[Optional[int], ...]
-    batch_range: Optional[tuple[int, int]] = None
+    shape: tuple[int | None, ...]
+    batch_range: tuple[int, int] | None = None
 
 
 def check_feed(feed: Mapping[str, np.ndarray], specs: list[TensorSpec], *, runner: str) -> None:
@@ -71,7 +71,7 @@ class Runner(abc.ABC):
         self._active = False
 
     # lifecycle ------------------------------------------------------------------------------------
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         self._activate_impl()
         self._active = True
         return self

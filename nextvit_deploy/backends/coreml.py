@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class CoreMLRunner(Runner):
 
     def __init__(self, path: str | Path, *, compute_units: str = "ALL", input_kind: str = "tensor",
                  input_shape: tuple[int, int, int, int] = (1, 3, 224, 224),
-                 output_map: Optional[Mapping[str, str]] = None, class_labels: Optional[Sequence[str]] = None):
+                 output_map: Mapping[str, str] | None = None, class_labels: Sequence[str] | None = None):
         super().__init__()
         self.path = Path(path)
         self.compute_units = str(compute_units).upper()
@@ -156,7 +157,7 @@ def trimmed(samples_ms: Sequence[float], *, trim: float) -> list[float]:
 
 
 def measure_latency(artifact, *, compute_units: Sequence[str] = LATENCY_UNITS, warmup: int = 5,
-                    rounds: int = 50, trim: float = 0.1, feed: Optional[np.ndarray] = None) -> list:
+                    rounds: int = 50, trim: float = 0.1, feed: np.ndarray | None = None) -> list:
     """Time ``MLModel.predict`` per compute unit (macOS only).
 
     Args:
@@ -192,9 +193,9 @@ def measure_latency(artifact, *, compute_units: Sequence[str] = LATENCY_UNITS, w
         with runner:
             inputs = runner._feeds(feed)  # prepared once: time predict(), not image conversion
 
-            def call() -> None:
+            def call(inputs=inputs, model=runner.model) -> None:
                 for f in inputs:
-                    runner.model.predict(f)
+                    model.predict(f)
 
             for _ in range(warmup):
                 call()

@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import sys
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def load_program(path: str | Path):
     return load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
 
 
-def _dtype_name(var) -> Optional[str]:
+def _dtype_name(var) -> str | None:
     from coremltools.converters.mil.mil import types
 
     try:
@@ -108,7 +109,7 @@ class _Args:
             return [self.env[v.name] for v in var]
         return self.env[var.name]
 
-    def tensor(self, name: str, *, optional: bool = False) -> Optional[torch.Tensor]:
+    def tensor(self, name: str, *, optional: bool = False) -> torch.Tensor | None:
         """Input ``name`` as a tensor, floating types widened to float32 for computing."""
         if not self.has(name):
             if optional:
@@ -411,7 +412,7 @@ class MilEvaluator:
         self._last_use = self._liveness(func)
 
     @classmethod
-    def from_package(cls, path: str | Path, *, function: str = "main") -> "MilEvaluator":
+    def from_package(cls, path: str | Path, *, function: str = "main") -> MilEvaluator:
         return cls(load_program(path), function=function)
 
     def op_counts(self) -> dict[str, int]:
@@ -505,14 +506,14 @@ class MilRunner(Runner):
 
     device = f"MIL evaluator (numpy/PyTorch CPU on {sys.platform}, fp16 values rounded per op; not Core ML)"
 
-    def __init__(self, path: str | Path, *, output_map: Optional[Mapping[str, str]] = None,
+    def __init__(self, path: str | Path, *, output_map: Mapping[str, str] | None = None,
                  input_name: str = "input"):
         super().__init__()
         self.path = Path(path)
         self.output_map = dict(output_map) if output_map else None
         self.input_name = input_name
         self.name = f"MilRunner({self.path.name})"
-        self.evaluator: Optional[MilEvaluator] = None
+        self.evaluator: MilEvaluator | None = None
 
     def _activate_impl(self) -> None:
         self.evaluator = MilEvaluator.from_package(self.path)

@@ -1,8 +1,8 @@
 """OrtRunner: an ONNX file on ONNX Runtime (CPU here; any provider the installed build has)."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class OrtRunner(Runner):
     """
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: Optional[int] = None, batch_range: Optional[tuple[int, int]] = None,
+                 threads: int | None = None, batch_range: tuple[int, int] | None = None,
                  graph_optimization: str = "all"):
         super().__init__()
         self.path = Path(path)
@@ -73,7 +73,7 @@ class OrtRunner(Runner):
         return dict(zip(names, outs))
 
 
-def runner_for_artifact(artifact, *, threads: Optional[int] = None,
+def runner_for_artifact(artifact, *, threads: int | None = None,
                         providers: Sequence[str] = ("CPUExecutionProvider",)) -> OrtRunner:
     """The runner ``verify``/``bench`` use for an ``.onnx`` artifact (``TARGETS['onnx'].runner``)."""
     lo, _, hi = artifact.batch

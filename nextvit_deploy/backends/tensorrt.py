@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ def _cuda() -> TorchCuda:
     return TorchCuda()
 
 
-def current_environment(device: str = "cuda:0", *, cuda: Optional[TorchCuda] = None) -> dict[str, str]:
+def current_environment(device: str = "cuda:0", *, cuda: TorchCuda | None = None) -> dict[str, str]:
     """TensorRT version and GPU of ``device``: ``{"tensorrt_version", "gpu_name", "compute_capability", "device"}``."""
     trt = require("tensorrt", purpose="TensorRT engines")
     index = cuda_index(device)
@@ -206,7 +207,7 @@ def _progress_monitor(trt, say: Callable[[str], None]):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 
-        def phase_start(self, phase_name: str, parent_phase: Optional[str], num_steps: int) -> None:
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             say(f"tensorrt: {phase_name}" + (f" ({num_steps} steps)" if num_steps > 1 else ""))
 
         def step_complete(self, phase_name: str, step: int) -> bool:
@@ -230,7 +231,7 @@ class BuildOptions:
     image_size: tuple[int, int]
     input_name: str = "input"
     workspace_gb: float = 4.0
-    timing_cache: Optional[Path] = None
+    timing_cache: Path | None = None
     builder_opt_level: int = 3
     rebuild_hint: str = ""
     device: str = "cuda:0"
@@ -242,7 +243,7 @@ def _network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _set_timing_cache(trt, config, path: Optional[Path], say: Callable[[str], None]) -> str:
+def _set_timing_cache(trt, config, path: Path | None, say: Callable[[str], None]) -> str:
     """Load ``path`` into ``config``; a cache TensorRT rejects (other GPU/version, corrupt) is replaced
     by a fresh one with a one-line warning. Returns "loaded", "fresh" or "rejected"."""
     data = path.read_bytes() if path is not None and path.is_file() else b""
@@ -261,7 +262,7 @@ def _set_timing_cache(trt, config, path: Optional[Path], say: Callable[[str], No
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildOptions, *,
-                 progress: Optional[Callable[[str], None]] = None, cuda: Optional[TorchCuda] = None,
+                 progress: Callable[[str], None] | None = None, cuda: TorchCuda | None = None,
                  write_sidecar: bool = True) -> dict[str, Any]:
     """Parse ``onnx_path`` into a strongly typed network, build, and save the engine with its sidecar.
 
@@ -367,7 +368,7 @@ class TrtRunner(Runner):
     """
 
     def __init__(self, engine_path: str | Path, *, device: str = "cuda:0", check_environment: bool = True,
-                 rebuild: str = "", require_sidecar: bool = True, cuda: Optional[TorchCuda] = None):
+                 rebuild: str = "", require_sidecar: bool = True, cuda: TorchCuda | None = None):
         super().__init__()
         self.path = Path(engine_path)
         self.index = cuda_index(device)
@@ -377,7 +378,7 @@ class TrtRunner(Runner):
         self.require_sidecar = require_sidecar
         self.name = f"TrtRunner({self.path.name})"
         self.notes: list[str] = []
-        self.last_gpu_ms: Optional[float] = None
+        self.last_gpu_ms: float | None = None
         self._cuda = cuda
         self._engine = self._context = self._stream = None
         self._trt: Any = None
@@ -499,7 +500,7 @@ def runner_for_artifact(artifact, **kw: Any) -> Runner:
 
 def trtexec_command(onnx_path: str | Path, engine_path: str | Path, *, precision: str,
                     batch: tuple[int, int, int], image_size: tuple[int, int], input_name: str = "input",
-                    workspace_gb: float = 4.0, timing_cache: Optional[Path] = None, builder_opt_level: int = 3,
+                    workspace_gb: float = 4.0, timing_cache: Path | None = None, builder_opt_level: int = 3,
                     dynamic_batch: bool = True, device: str = "cuda:0", flags: Sequence[str] = ()) -> str:
     """The ``trtexec`` command equivalent to :func:`build_engine` (same flags on TensorRT 10.x and 11.x).
 

@@ -1,7 +1,7 @@
 """TorchRunner: runs an ``nn.Module`` (the PyTorch reference) behind the Runner contract."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ class TorchRunner(Runner):
     """
 
     def __init__(self, model: nn.Module, *, input_name: str = "input",
-                 output_names: Sequence[str] = ("logits",), image_size: Optional[tuple[int, int]] = None,
+                 output_names: Sequence[str] = ("logits",), image_size: tuple[int, int] | None = None,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, name: str = "TorchRunner"):
         super().__init__()
         self.model = model

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import typer
 
@@ -24,7 +25,6 @@ from .triton_repo import triton_repo_cmd
 from .verify import verify_cmd
 
 
-
 def _usage_line(exc: click.ClickException) -> str:
     """click's message plus where to look, on one line (typer's default is a 5-6 line box)."""
     text = " ".join(exc.format_message().split())
@@ -40,8 +40,8 @@ _Abort = tuple(t for t in (getattr(click.exceptions, "Abort", None), getattr(typ
 class OneLineGroup(TyperGroup):
     """The root command: usage errors become one line on stderr with exit 2, Ctrl-C one line with 130."""
 
-    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
-             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NoArgsIsHelp as exc:

@@ -4,16 +4,18 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..targets import PRECISIONS, TARGETS
+
 
 # stdout carries results (tables, JSON paths); stderr carries progress, warnings and errors.
 def _console(stderr: bool = False) -> Console:
@@ -31,9 +33,9 @@ PrecisionName = Enum("PrecisionName", {p: p for p in PRECISIONS}, type=str)  # t
 VariantOpt = Annotated[str, typer.Option("--variant", "-m", help="nextvit_small|base|large (or s, b, l).")]
 ImageSizeOpt = Annotated[str, typer.Option("--image-size", "-s", help="224 or HEIGHTxWIDTH, e.g. 256x320.")]
 BatchOpt = Annotated[str, typer.Option("--batch", "-b", help="Static batch (8) or dynamic range min:max / min:opt:max.")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option(
+CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Official, detection/segmentation or timm checkpoint. Default: random weights.")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this path.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON to this path.")]
 
 
 def _one_line(exc: BaseException) -> str:

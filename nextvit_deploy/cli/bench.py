@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-
 from rich.markup import escape
 
 from ._common import err, handle_errors, out
@@ -28,7 +27,7 @@ EXAMPLES = """Examples:
 """
 
 
-def _split(text: Optional[str]) -> Optional[tuple[str, ...]]:
+def _split(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     return tuple(p.strip() for p in text.split(",") if p.strip())
@@ -42,7 +41,7 @@ class _RichProgress:
         self._task = None
         self._last = ""
 
-    def __enter__(self) -> "_RichProgress":
+    def __enter__(self) -> _RichProgress:
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -70,7 +69,7 @@ class _RichProgress:
         err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
-def _table(report) -> "object":
+def _table(report) -> object:
     from rich.table import Table
 
     def f(v, spec=".2f"):
@@ -103,24 +102,24 @@ def _table(report) -> "object":
 @handle_errors
 def bench(
     batch: Annotated[int, typer.Option("--batch", "-b", help="Images per call (the paper: 8).")] = 8,
-    models: Annotated[Optional[str], typer.Option(
+    models: Annotated[str | None, typer.Option(
         "--models", help="Comma-separated timm names or paper names. Default: the task's subset.")] = None,
-    backends: Annotated[Optional[str], typer.Option(
+    backends: Annotated[str | None, typer.Option(
         "--backends", help="Comma-separated: torch, torch-cudagraph, onnxruntime, tensorrt, coreml. "
                            "Default: every backend this machine has.")] = None,
     precision: Annotated[str, typer.Option("--precision", "-p", help="fp32 or fp16.")] = "fp32",
-    image_size: Annotated[Optional[str], typer.Option(
+    image_size: Annotated[str | None, typer.Option(
         "--image-size", "-s", help="224 or HEIGHTxWIDTH. Default: 224 (cls), 512 (det).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Discarded runs per row.")] = 1,
     iters: Annotated[int, typer.Option("--iters", help="Timed runs wanted per row.")] = 20,
     duration: Annotated[float, typer.Option(
         "--duration", help="Seconds after which a row may stop before --iters (at least 3 runs); "
                            "0 = exactly --iters runs.")] = 5.0,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads. Default: all cores.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads. Default: all cores.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for bench.json/.csv/.md/.png.")] = Path("bench"),
     full: Annotated[bool, typer.Option("--full", help="Every published row that timm can build.")] = False,
     task: Annotated[str, typer.Option("--task", help="cls (classifier) or det (backbone, the det/seg rows).")] = "cls",
-    simplify: Annotated[Optional[bool], typer.Option(
+    simplify: Annotated[bool | None, typer.Option(
         "--simplify/--no-simplify", help="Run the ONNX simplifier. Default: only when TensorRT runs.")] = None,
 ) -> None:
     """Measure Next-ViT and the paper's baselines on every backend here; ratios beside the published ones."""

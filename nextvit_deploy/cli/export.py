@@ -2,14 +2,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from ..errors import BadInput, DeployError
-from ._common import (BatchOpt, CheckpointOpt, ImageSizeOpt, JsonOpt, PrecisionName, TargetName, VariantOpt,
-                      err, handle_errors, out, progress_status)
+from ._common import (
+    BatchOpt,
+    CheckpointOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    PrecisionName,
+    TargetName,
+    VariantOpt,
+    err,
+    handle_errors,
+    out,
+    progress_status,
+)
 
 EXAMPLES = """
 Examples:
@@ -51,7 +62,7 @@ def given(ctx: typer.Context, name: str) -> bool:
     return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def check_applicable(ctx: typer.Context, *, target: str, precision: str, checkpoint: Optional[Path]) -> None:
+def check_applicable(ctx: typer.Context, *, target: str, precision: str, checkpoint: Path | None) -> None:
     """Refuse options that do not apply to ``target``/``precision`` (one line naming both)."""
     for name, (flag, targets) in TARGET_ONLY.items():
         if given(ctx, name) and target not in targets:
@@ -82,7 +93,7 @@ def export_cmd(
     backbone: Annotated[bool, typer.Option("--backbone", help="Export the 4 stage feature maps, not logits.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph (onnxsim, else onnxslim).")] = True,
-    calib_dir: Annotated[Optional[Path], typer.Option(help="INT8: folder of calibration images.")] = None,
+    calib_dir: Annotated[Path | None, typer.Option(help="INT8: folder of calibration images.")] = None,
     calib_images: Annotated[int, typer.Option(help="INT8: use at most this many calibration images.")] = 64,
     calib_method: Annotated[str, typer.Option(help="INT8 (trt): activation calibration: max, entropy or percentile.")]
     = "max",
@@ -94,11 +105,11 @@ def export_cmd(
     = True,
     device: Annotated[str, typer.Option(help="TensorRT: GPU that builds the engine (cuda:N).")] = "cuda:0",
     workspace_gb: Annotated[float, typer.Option(help="TensorRT: builder workspace limit (GiB).")] = 4.0,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT: timing cache file to load/save.")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT: timing cache file to load/save.")] = None,
     opt_level: Annotated[int, typer.Option(help="TensorRT: builder optimization level 0-5.")] = 3,
     min_target: Annotated[str, typer.Option(help="Core ML: minimum deployment target (iOS16, macOS13, ...).")] = "iOS16",
     input_kind: Annotated[str, typer.Option(help="Core ML: 'tensor' (normalised) or 'image' (RGB 0..255).")] = "tensor",
-    labels: Annotated[Optional[Path], typer.Option(help="Core ML: class labels file, one per line.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Core ML: class labels file, one per line.")] = None,
     json_path: JsonOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing artifact of the same name that holds other weights.")] = False,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,11 +31,11 @@ def serve_cmd(
     instances: Annotated[int, typer.Option(help="Model instances, each with its own runner.")] = 1,
     max_queue_delay_us: Annotated[int, typer.Option(
         help="Dynamic batcher: longest wait to fill a batch, microseconds.")] = 1000,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads per instance. Default: the runtime's.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads per instance. Default: the runtime's.")] = None,
     image_input: Annotated[bool, typer.Option(help="Also serve <name>_image, taking encoded image bytes.")] = True,
-    name: Annotated[Optional[str], typer.Option(help="Model name. Default: the artifact's file name.")] = None,
-    timeout_s: Annotated[Optional[float], typer.Option(help="Stop by itself after this many seconds.")] = None,
-    server_log: Annotated[Optional[Path], typer.Option(help="Keep tritonserver's log in this file.")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name. Default: the artifact's file name.")] = None,
+    timeout_s: Annotated[float | None, typer.Option(help="Stop by itself after this many seconds.")] = None,
+    server_log: Annotated[Path | None, typer.Option(help="Keep tritonserver's log in this file.")] = None,
 ) -> None:
     """Serve an artifact through Triton Inference Server with dynamic batching (stop with Ctrl-C or SIGTERM)."""
     from ..errors import BadInput

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -26,12 +26,12 @@ Examples:
 def triton_repo_cmd(
     artifacts: Annotated[list[Path], typer.Argument(help="Exported .onnx / .engine files with their manifests.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model repository folder (created if missing).")],
-    name: Annotated[Optional[str], typer.Option(help="Model name (one artifact only). Default: the file name.")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name (one artifact only). Default: the file name.")] = None,
     instances: Annotated[int, typer.Option(help="Model instances per device (instance_group count).")] = 1,
     kind: Annotated[str, typer.Option(help="'gpu' (KIND_GPU) or 'cpu' (KIND_CPU, ONNX only).")] = "gpu",
     max_queue_delay_us: Annotated[int, typer.Option(
         help="Dynamic batcher: longest wait to fill a batch, microseconds.")] = 100,
-    preferred_batch: Annotated[Optional[str], typer.Option(
+    preferred_batch: Annotated[str | None, typer.Option(
         help="Dynamic batcher: preferred batch sizes, e.g. 4,8 (inside the artifact's range). "
              "Default: the profile's opt and max.")] = None,
     dynamic_batching: Annotated[bool, typer.Option(help="Add dynamic_batching for dynamic-batch artifacts.")] = True,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,14 +13,13 @@ from ._common import JsonOpt, err, handle_errors, out, progress_status
 def verify_cmd(
     artifact: Annotated[Path, typer.Argument(help="Exported file (.onnx, .engine, .mlpackage) with its manifest.")],
     json_path: JsonOpt = None,
-    max_batch: Annotated[Optional[int], typer.Option(help="Cap the largest batch compared.")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Cap the largest batch compared.")] = None,
 ) -> None:
     """Run the artifact and its PyTorch reference on real photos and noise; gate on cosine and max abs."""
+    from ..artifact import check_output_file
     from ..errors import BadInput
     from ..report import parity_summary, parity_table, write_json
     from ..verify import verify
-
-    from ..artifact import check_output_file
 
     if max_batch is not None and max_batch <= 0:
         raise BadInput(f"--max-batch must be at least 1, got {max_batch}")

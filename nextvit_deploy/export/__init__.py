@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from ..artifact import Artifact, check_creatable_dir
 from ..errors import BadInput
@@ -44,22 +45,22 @@ class ExportRequest:
     batch: tuple[int, int, int] = (1, 1, 1)
     opset: int = 17
     out_dir: Path = Path("build")
-    checkpoint: Optional[Path] = None
+    checkpoint: Path | None = None
     seed: int = 0  # random weights (with realistic BatchNorm statistics) when there is no checkpoint
     features_only: bool = False
     simplify: bool = True
-    depths: Optional[tuple[int, int, int, int]] = None  # small test models only
+    depths: tuple[int, int, int, int] | None = None  # small test models only
     # INT8 calibration (trt int8, onnx int8)
-    calib_dir: Optional[Path] = None
+    calib_dir: Path | None = None
     calib_images: int = 64
     # TensorRT builder
     workspace_gb: float = 4.0
-    timing_cache: Optional[Path] = None
+    timing_cache: Path | None = None
     builder_opt_level: int = 3
     # Core ML
     min_deployment_target: str = "iOS16"
     input_kind: str = "tensor"  # "tensor" (normalised float input) or "image" (RGB 0..255)
-    class_labels: Optional[Path] = None
+    class_labels: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # INT8, TensorRT convention (see export/int8.py Int8Options)
     calib_method: str = "max"
@@ -70,7 +71,7 @@ class ExportRequest:
     # Replace an existing artifact of the same name that holds other weights (another seed/checkpoint).
     force: bool = False
     # Classifier width; None = the checkpoint head's (validate_request fills it in), else 1000.
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
 
     @property
     def dynamic_batch(self) -> bool:
@@ -93,7 +94,7 @@ class ExportRequest:
             return max(self.opset, FP16_SCALE_OPSET)
         return self.opset
 
-    def output_path(self, suffix: Optional[str] = None) -> Path:
+    def output_path(self, suffix: str | None = None) -> Path:
         h, w = self.image_size
         return self.out_dir / artifact_name(self.variant, self.target, self.precision, h, w,
                                             features_only=self.features_only, suffix=suffix)
@@ -140,7 +141,7 @@ def opset_range() -> tuple[int, int]:
         return 13, 20
 
 
-def _physical_memory_bytes() -> Optional[int]:
+def _physical_memory_bytes() -> int | None:
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
@@ -272,7 +273,7 @@ def check_overwrite(req: ExportRequest) -> None:
                            "or choose another --out")
 
 
-def _check_checkpoint(path: Path, variant: str) -> "LoadedCheckpoint":
+def _check_checkpoint(path: Path, variant: str) -> LoadedCheckpoint:
     """Fail before any work when the checkpoint is missing, unsafe, corrupt or of another variant."""
     from nextvit_model import CheckpointError, read_checkpoint
 
@@ -291,7 +292,7 @@ def _check_checkpoint(path: Path, variant: str) -> "LoadedCheckpoint":
     return ckpt
 
 
-def build_deploy_model(req: ExportRequest, *, progress: Progress) -> "FuseResult":
+def build_deploy_model(req: ExportRequest, *, progress: Progress) -> FuseResult:
     """The model every exporter starts from: the request's weights, every BatchNorm folded (a copy)."""
     from ..errors import DeployError
     from ..fuse import fuse_model
@@ -307,11 +308,11 @@ def build_deploy_model(req: ExportRequest, *, progress: Progress) -> "FuseResult
     return fused
 
 
-def export(req: ExportRequest, *, progress: Optional[Progress] = None) -> Artifact:
+def export(req: ExportRequest, *, progress: Progress | None = None) -> Artifact:
     """Validate ``req`` and run the target's exporter. Returns the written artifact."""
-    from ..targets import get_target
-
     from nextvit_model import resolve_variant
+
+    from ..targets import get_target
 
     try:
         req = dataclasses.replace(req, variant=resolve_variant(req.variant).name)  # aliases -> canonical name

@@ -37,8 +37,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,8 +92,8 @@ class CoreMLWrapper(nn.Module):
     Backbone outputs (a list) are returned as a tuple so tracing names four outputs.
     """
 
-    def __init__(self, model: nn.Module, *, image_input: bool, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None):
+    def __init__(self, model: nn.Module, *, image_input: bool, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
         super().__init__()
         self.model = model
         self.image_input = image_input
@@ -300,7 +301,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     meta["nextvit.variant"] = req.variant
     meta["nextvit.precision"] = req.precision
     meta["nextvit.preprocessing"] = json.dumps(pre, sort_keys=True)
-    meta["nextvit.checkpoint_sha256"] = _checkpoint_sha(req) or "none (random weights, seed %d)" % req.seed
+    meta["nextvit.checkpoint_sha256"] = _checkpoint_sha(req) or f"none (random weights, seed {req.seed})"
     meta["nextvit.toolchain"] = json.dumps(versions, sort_keys=True)
     meta["nextvit.features_only"] = str(bool(req.features_only)).lower()
     mlmodel.input_description["input"] = (
@@ -347,7 +348,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         return stage.publish(art.replace(opset=None))
 
 
-def _checkpoint_sha(req: ExportRequest) -> Optional[str]:
+def _checkpoint_sha(req: ExportRequest) -> str | None:
     if req.checkpoint is None:
         return None
     from ..artifact import sha256_path

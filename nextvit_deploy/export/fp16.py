@@ -19,14 +19,22 @@ overflow to inf) but not fp16 accumulation inside a GPU kernel.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
 from .._deps import require
-from .precision import (FP16_MAX, FP16_MIN_NORMAL, Feeds, TensorRange, feed_count, float_tensor_types,
-                        measure_activations)
+from .precision import (
+    FP16_MAX,
+    FP16_MIN_NORMAL,
+    Feeds,
+    TensorRange,
+    feed_count,
+    float_tensor_types,
+    measure_activations,
+)
 
 __all__ = ["FP16_OPS", "Fp16Policy", "KeptNode", "Fp16Result", "choose_fp32_nodes", "convert_to_mixed",
            "to_mixed_fp16"]
@@ -324,7 +332,7 @@ def convert_to_mixed(model, keep_fp32: set[str]) -> tuple[Any, dict[str, int]]:
 
 
 def to_mixed_fp16(model, calibration: Feeds, *, policy: Fp16Policy = Fp16Policy(),
-                  progress: Optional[Callable[[str], None]] = None) -> Fp16Result:
+                  progress: Callable[[str], None] | None = None) -> Fp16Result:
     """Measure, choose and convert: the full FP16 transform of an fp32 graph.
 
     Args:

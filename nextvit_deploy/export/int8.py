@@ -36,9 +36,10 @@ Both conventions run on ONNX Runtime CPU, so both are verified and measured here
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -145,7 +146,7 @@ class Int8Result:
                 **self.extra}
 
 
-def weight_channel_axis(node, weight_shape: Sequence[int]) -> Optional[int]:
+def weight_channel_axis(node, weight_shape: Sequence[int]) -> int | None:
     """Output-channel axis of the weight input (input 1) of a Conv/Gemm/MatMul, or None if not a weight.
 
     Conv ``W[O, I/g, kh, kw]`` -> 0; Gemm ``B[K, N]`` -> 1 (``transB=1``: ``B[N, K]`` -> 0);
@@ -388,7 +389,7 @@ def calibrated_amax(r: TensorRange, options: Int8Options) -> float:
 
 
 def quantize_trt(model, calibration: Feeds, *, options: Int8Options = Int8Options(),
-                 progress: Optional[Callable[[str], None]] = None) -> Int8Result:
+                 progress: Callable[[str], None] | None = None) -> Int8Result:
     """The TensorRT-convention Q/DQ graph of the fp32 ``model`` (see the module docstring).
 
     Args:
@@ -429,7 +430,7 @@ def quantize_trt(model, calibration: Feeds, *, options: Int8Options = Int8Option
     act_dq: dict[str, str] = {}
     weight_dq: dict[str, str] = {}
     amax_of: dict[str, float] = {}
-    qdq_nodes: list[tuple[Optional[str], Any]] = []
+    qdq_nodes: list[tuple[str | None, Any]] = []
 
     def activation(name: str) -> str:
         if name not in act_dq:
@@ -531,7 +532,7 @@ class _Reader:
     """ONNX Runtime CalibrationDataReader over calibration feeds, ``batch`` images at a time (a fresh pass
     after each ``rewind``, so a streamed folder is never held in memory)."""
 
-    def __init__(self, input_name: str, data: Feeds, batch: int = 1, static: Optional[int] = None):
+    def __init__(self, input_name: str, data: Feeds, batch: int = 1, static: int | None = None):
         self._name, self._data, self._batch, self._static = input_name, data, batch, static
         self.rewind()
 
@@ -544,7 +545,7 @@ class _Reader:
 
 
 def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", reduce_range: bool = True,
-                     op_types: Sequence[str] = QUANTIZED_OPS, progress: Optional[Callable[[str], None]] = None) -> Int8Result:
+                     op_types: Sequence[str] = QUANTIZED_OPS, progress: Callable[[str], None] | None = None) -> Int8Result:
     """ONNX Runtime's x86 convention: QDQ, uint8 activations, int8 per-channel weights (``quantize_static``).
 
     Args:

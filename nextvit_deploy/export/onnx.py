@@ -8,8 +8,9 @@ needs no onnxscript; the dynamo exporter is the default in this torch, so the ch
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ def export_fp32_onnx(req: ExportRequest, path: Path, *, progress: Callable[[str]
             "exporter": "torch.onnx.export(dynamo=False)", **facts}
 
 
-def base_artifact(req: ExportRequest, path: Path, *, details: dict[str, Any], target: Optional[str] = None,
+def base_artifact(req: ExportRequest, path: Path, *, details: dict[str, Any], target: str | None = None,
                   extra_versions: tuple[str, ...] = ()) -> Artifact:
     """The manifest record shared by every exporter (path must already hold the final bytes)."""
     h, w = req.image_size

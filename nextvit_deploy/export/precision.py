@@ -15,9 +15,10 @@ INT8: the U8 activation / S8 weight QDQ graph ONNX Runtime accelerates on x86).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class TensorRange:
 
     absmax: float
     tiny_fraction: float
-    histogram: Optional[np.ndarray] = None
+    histogram: np.ndarray | None = None
     bin_width: float = 0.0
 
     def quantile(self, q: float) -> float:
@@ -111,7 +112,7 @@ class StreamFeeds:
         n = len(self.stream.used) or len(self.stream.files)
         return min(n, self.stream.limit) if self.stream.limit else n
 
-    def batches(self, batch: int, *, static: Optional[int] = None) -> Iterator[np.ndarray]:
+    def batches(self, batch: int, *, static: int | None = None) -> Iterator[np.ndarray]:
         """One pass in runs of ``batch`` images (exactly ``static`` for a static-batch graph, see :func:`_runs`)."""
         yielded = False
         for chunk in _runs((self.convert(c) for c in self.stream.batches(static or batch)), static):
@@ -122,7 +123,7 @@ class StreamFeeds:
                            "add .jpg/.png photos to --calib-dir")
 
 
-Feeds = Union[np.ndarray, StreamFeeds]
+Feeds = np.ndarray | StreamFeeds
 
 
 def feed_count(feeds: Feeds) -> int:
@@ -130,10 +131,10 @@ def feed_count(feeds: Feeds) -> int:
     return int(feeds.shape[0]) if isinstance(feeds, np.ndarray) else feeds.count
 
 
-def _runs(chunks: Iterable[np.ndarray], static: Optional[int]) -> Iterator[np.ndarray]:
+def _runs(chunks: Iterable[np.ndarray], static: int | None) -> Iterator[np.ndarray]:
     """float32 runs of ``chunks``; for a static-batch graph a short run is topped up with images of the first
     run to exactly ``static`` images (maxima and histograms barely move)."""
-    first: Optional[np.ndarray] = None
+    first: np.ndarray | None = None
     for chunk in chunks:
         chunk = np.ascontiguousarray(chunk, dtype=np.float32)
         if first is None:
@@ -143,7 +144,7 @@ def _runs(chunks: Iterable[np.ndarray], static: Optional[int]) -> Iterator[np.nd
         yield chunk
 
 
-def feed_batches(feeds: Feeds, batch: int, *, static: Optional[int] = None) -> Iterator[np.ndarray]:
+def feed_batches(feeds: Feeds, batch: int, *, static: int | None = None) -> Iterator[np.ndarray]:
     """One pass over ``feeds`` in runs of ``batch`` (exactly ``static`` for a static-batch graph)."""
     if isinstance(feeds, np.ndarray):
         size = static or batch
@@ -175,7 +176,7 @@ class CalibrationSet:
         return d
 
 
-def calibration_set(*, image_size: tuple[int, int], calib_dir: Optional[Path], calib_images: int,
+def calibration_set(*, image_size: tuple[int, int], calib_dir: Path | None, calib_images: int,
                     crop_pct: float, mean: Sequence[float], std: Sequence[float],
                     input_kind: str = "tensor") -> CalibrationSet:
     """The calibration images as model inputs (a folder is streamed, see :class:`StreamFeeds`).
@@ -191,8 +192,14 @@ def calibration_set(*, image_size: tuple[int, int], calib_dir: Optional[Path], c
     Raises:
         BadInput: empty or missing folder, no usable image, ``calib_images < 1``.
     """
-    from ..data import (CALIBRATION_SOURCES, CALIBRATION_VIEWS, calibration_photos, iter_image_dir, normalize,
-                        scan_image_dir)
+    from ..data import (
+        CALIBRATION_SOURCES,
+        CALIBRATION_VIEWS,
+        calibration_photos,
+        iter_image_dir,
+        normalize,
+        scan_image_dir,
+    )
 
     if calib_images < 1:
         raise BadInput(f"--calib-images must be at least 1, got {calib_images}")
@@ -229,15 +236,15 @@ def float_tensor_types(model) -> dict[str, int]:
     return types
 
 
-def static_batch(model) -> Optional[int]:
+def static_batch(model) -> int | None:
     """The first input's batch size when the graph fixes it, else None (dynamic batch)."""
     dims = model.graph.input[0].type.tensor_type.shape.dim
     return int(dims[0].dim_value) if dims and dims[0].dim_value > 0 else None
 
 
-def measure_activations(model, feeds: Feeds, *, tensors: Optional[Iterable[str]] = None,
+def measure_activations(model, feeds: Feeds, *, tensors: Iterable[str] | None = None,
                         histograms: Sequence[str] = (), batch: int = 4,
-                        threads: Optional[int] = None) -> dict[str, TensorRange]:
+                        threads: int | None = None) -> dict[str, TensorRange]:
     """Run the fp32 ``model`` on ONNX Runtime CPU with intermediate tensors exposed; return their ranges.
 
     Args:
@@ -300,7 +307,7 @@ def measure_activations(model, feeds: Feeds, *, tensors: Optional[Iterable[str]]
     return out
 
 
-def apply_precision(src: Path, dst: Path, req: "ExportRequest", *, convention: Convention,
+def apply_precision(src: Path, dst: Path, req: ExportRequest, *, convention: Convention,
                     progress: Callable[[str], None]) -> dict[str, Any]:
     """Rewrite the fp32 ONNX at ``src`` into ``req.precision`` and save it at ``dst`` (may equal ``src``).
 
@@ -342,7 +349,7 @@ def apply_precision(src: Path, dst: Path, req: "ExportRequest", *, convention: C
 
 
 def transform_graph(model, precision: str, calibration: Feeds, *, convention: Convention,
-                    int8: Optional["Int8Options"] = None,
+                    int8: Int8Options | None = None,
                     progress: Callable[[str], None] = lambda _m: None) -> tuple[Any, dict[str, Any]]:
     """The precision transform itself, on an in-memory fp32 graph: what ``export`` and ``bench`` share.
 

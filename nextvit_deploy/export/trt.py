@@ -13,7 +13,7 @@ and the manifest says so (``details.opset_note``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from .._deps import INSTALL_HINTS, require
 from ..artifact import Artifact, publishing

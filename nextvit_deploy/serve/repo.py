@@ -27,9 +27,10 @@ from __future__ import annotations
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 from ..artifact import Artifact, check_writable_dir
 from ..errors import BadInput
@@ -83,7 +84,7 @@ class RepoOptions:
     kind: Literal["gpu", "cpu"] = "gpu"
     max_queue_delay_us: int = 100
     dynamic_batching: bool = True
-    preferred_batch_sizes: Optional[tuple[int, ...]] = None
+    preferred_batch_sizes: tuple[int, ...] | None = None
     image_input: bool = False
 
 
@@ -152,7 +153,7 @@ def model_io(artifact: Artifact) -> ModelIO:
     return ModelIO(tuple(fix(t) for t in io.inputs), tuple(fix(t) for t in io.outputs))
 
 
-def preferred_batch_sizes(batch: tuple[int, int, int], override: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+def preferred_batch_sizes(batch: tuple[int, int, int], override: Sequence[int] | None = None) -> tuple[int, ...]:
     """Preferred sizes for the dynamic batcher: ``opt`` and ``max`` (those above 1), or ``override``."""
     lo, opt, hi = batch
     if override:
@@ -263,7 +264,7 @@ def _write_model(artifact: Artifact, folder: Path, *, name: str, options: RepoOp
                 shutil.copy2(Path(__file__).with_name("backend_model.py"), folder.parent / model / "1" / "model.py")
 
 
-def write_repository(artifacts: Sequence[Artifact], out: str | Path, *, names: Optional[Sequence[str]] = None,
+def write_repository(artifacts: Sequence[Artifact], out: str | Path, *, names: Sequence[str] | None = None,
                      options: RepoOptions = RepoOptions()) -> list[Path]:
     """Write one model folder per artifact into the repository ``out`` (created if missing).
 

@@ -38,9 +38,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..artifact import Artifact
 from ..errors import BadInput, DeployError, MissingDependency
@@ -80,13 +81,13 @@ class ServeOptions:
     metrics_port: int = 8002
     instances: int = 1
     max_queue_delay_us: int = 1000
-    threads: Optional[int] = None
+    threads: int | None = None
     image_input: bool = True
-    timeout_s: Optional[float] = None
-    name: Optional[str] = None
+    timeout_s: float | None = None
+    name: str | None = None
     exit_timeout_s: int = 5
     startup_timeout_s: float = 120.0
-    log_path: Optional[Path] = None
+    log_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class ServeInfo:
     """What a started server offers (printed by the CLI once the models are ready)."""
 
     model: str
-    image_model: Optional[str]
+    image_model: str | None
     input_name: str
     input_shape: tuple[int, ...]  # without the batch axis
     max_batch_size: int
@@ -104,7 +105,7 @@ class ServeInfo:
     pid: int
 
 
-def _glibc() -> Optional[tuple[int, int]]:
+def _glibc() -> tuple[int, int] | None:
     try:
         text = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (ValueError, OSError):
@@ -161,7 +162,7 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             raise BadInput(f"port {port} on {host} is not free ({exc.strerror}): choose another with {flag}") from None
 
 
-def open_artifact_runner(artifact: Artifact, *, threads: Optional[int] = None) -> Any:
+def open_artifact_runner(artifact: Artifact, *, threads: int | None = None) -> Any:
     """The artifact's runner through ``TARGETS`` (not yet entered); ``threads`` where the runner takes it."""
     from ..targets import get_target, load_object
 
@@ -208,7 +209,7 @@ def _config(name: str, *, mode: str, artifact: Artifact, in_dims: tuple[int, ...
             f"instance_group [ {{ count: {opts.instances} kind: KIND_CPU }} ]\n{param_text}\n")
 
 
-def write_serve_repository(artifact: Artifact, repo: Path, opts: ServeOptions) -> tuple[str, Optional[str]]:
+def write_serve_repository(artifact: Artifact, repo: Path, opts: ServeOptions) -> tuple[str, str | None]:
     """Write the Python-backend model(s) for ``artifact`` into ``repo``; returns (model, image model or None)."""
     from .repo import model_name_for
 
@@ -259,7 +260,7 @@ class TritonProcess:
 
     def __init__(self, dist: Path, repo: Path, backends: Path, opts: ServeOptions, log_path: Path):
         self.dist, self.repo, self.backends, self.opts, self.log_path = dist, repo, backends, opts, log_path
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self._log = None
 
     @property
@@ -308,7 +309,7 @@ class TritonProcess:
             raise ServerError(f"tritonserver was not ready after {self.opts.startup_timeout_s:.0f} s: "
                               f"{self.log_tail() or 'no log'}")
 
-    def stop(self) -> Optional[int]:
+    def stop(self) -> int | None:
         """SIGINT (in-flight requests finish), SIGKILL after the grace period, then the whole group."""
         if self.proc is None:
             return None
@@ -329,7 +330,7 @@ class TritonProcess:
 
 
 def serve(path: str | Path, opts: ServeOptions = ServeOptions(), *,
-          on_ready: Optional[Callable[[ServeInfo], None]] = None, stop: Optional[threading.Event] = None) -> int:
+          on_ready: Callable[[ServeInfo], None] | None = None, stop: threading.Event | None = None) -> int:
     """Serve the artifact at ``path`` until SIGINT/SIGTERM, ``opts.timeout_s`` or ``stop`` is set.
 
     Everything that can be checked before the server starts is (artifact, runner availability, ports,
@@ -363,7 +364,7 @@ def serve(path: str | Path, opts: ServeOptions = ServeOptions(), *,
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     work = Path(tempfile.mkdtemp(prefix="nextvit-serve-"))
-    server: Optional[TritonProcess] = None
+    server: TritonProcess | None = None
     try:
         repo = work / "models"
         model, image_model = write_serve_repository(artifact, repo, opts)
