@@ -42,7 +42,7 @@ __all__ = [
 def create_model(
     variant: str = "nextvit_small",
     *,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | LoadedCheckpoint | None = None,
     num_classes: int | None = None,
     features_only: bool = False,
     out_norms: bool | None = None,
@@ -52,7 +52,8 @@ def create_model(
 
     Args:
         variant: ``nextvit_small|base|large`` or an alias (``s``, ``b``, ``l``).
-        checkpoint: path to an official, detection/segmentation or timm checkpoint. Defaults to none
+        checkpoint: path to an official, detection/segmentation or timm checkpoint (or one already read
+            with :func:`read_checkpoint`). Defaults to none
             (random weights).
         num_classes: classifier width. Defaults to the checkpoint's, else 1000.
         features_only: backbone mode, returning the four stage feature maps.
@@ -61,7 +62,10 @@ def create_model(
         depths: override the variant's depths (small test models). Defaults to the variant's.
     """
     cfg = resolve_variant(variant)
-    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if isinstance(checkpoint, LoadedCheckpoint):  # already read (an export reads its checkpoint once)
+        ckpt: LoadedCheckpoint | None = checkpoint
+    else:
+        ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
     if ckpt is not None and num_classes is None:
         num_classes = ckpt.num_classes
     if out_norms is None:
@@ -70,5 +74,6 @@ def create_model(
                     sr_ratios=cfg.sr_ratios, head_dim=cfg.head_dim, mix_block_ratio=cfg.mix_block_ratio,
                     features_only=features_only, out_norms=features_only and out_norms)
     if ckpt is not None:
-        load_into(model, ckpt, variant=cfg.name, source=f"checkpoint {checkpoint}")
+        source = "checkpoint" if isinstance(checkpoint, LoadedCheckpoint) else f"checkpoint {checkpoint}"
+        load_into(model, ckpt, variant=cfg.name, source=source)
     return model.eval()

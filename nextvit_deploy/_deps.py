@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import warnings
 from types import ModuleType
 
 from .errors import MissingDependency
 
-__all__ = ["require", "available", "INSTALL_HINTS"]
+__all__ = ["require", "available", "import_coremltools", "INSTALL_HINTS"]
 
 # module -> how to install it (one line, shown verbatim in errors and in `nextvit-deploy doctor`)
 INSTALL_HINTS: dict[str, str] = {
@@ -43,3 +45,11 @@ def require(module: str, *, purpose: str = "") -> ModuleType:
         why = f" for {purpose}" if purpose else ""
         detail = "" if isinstance(exc, ModuleNotFoundError) and exc.name == module.split(".")[0] else f" ({exc})"
         raise MissingDependency(f"{module} is needed{why} but not installed{detail}; install with: {hint}") from None
+
+
+def import_coremltools(purpose: str = "Core ML export") -> ModuleType:
+    """Import coremltools quietly (its import logs warnings about macOS-only parts on Linux)."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return require("coremltools", purpose=purpose)

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -512,9 +511,6 @@ class Artifact:
             check_onnx_contents(art)
         return art
 
-
-def temp_dir(prefix: str = "nextvit-") -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix=prefix)
 
 
 def check_output_file(path: str | Path, *, flag: str = "--json") -> Path:

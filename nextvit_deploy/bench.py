@@ -526,7 +526,7 @@ def trt_ready_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path)
     from nextvit_model import IMAGENET_MEAN, IMAGENET_STD
 
     from .data import calibration_photos, normalize
-    from .export.precision import transform_graph
+    from .export.transform import transform_graph
 
     calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), IMAGENET_MEAN, IMAGENET_STD)
     model, _ = transform_graph(onnx.load(str(onnx_path)), precision, calib, convention="tensorrt")
@@ -567,7 +567,8 @@ def _measure_coreml(built: _Built, cfg: BenchConfig, tmp: Path,
     """
     import torch
 
-    from .export.coreml import conversion_pipeline, freeze_traced_shapes, import_coremltools
+    from ._deps import import_coremltools
+    from .export.coreml import conversion_pipeline, freeze_traced_shapes
 
     ct = import_coremltools(purpose="the Core ML rows")
     x = torch.randn(cfg.batch, 3, *cfg.size)

@@ -16,9 +16,29 @@ from typing import Any
 
 from .errors import ArtifactError
 
-__all__ = ["MAX_CLASSES", "validate_fields", "check_suffix", "check_onnx_contents", "graph_precision"]
+__all__ = ["MAX_CLASSES", "FEATURE_NAMES", "validate_fields", "check_suffix", "check_onnx_contents", "graph_precision",
+           "output_names_for", "preprocessing_for"]
 
 from nextvit_model.checkpoint import MAX_CLASSES  # noqa: E402  (the model package owns the cap)
+
+FEATURE_NAMES = ("feat_s4", "feat_s8", "feat_s16", "feat_s32")
+
+
+def output_names_for(features_only: bool) -> tuple[str, ...]:
+    """The output names every exporter gives the graph: the four stage maps (backbone) or ``logits``."""
+    return FEATURE_NAMES if features_only else ("logits",)
+
+
+def preprocessing_for(variant: str, *, input_kind: str = "tensor") -> dict[str, Any]:
+    """The manifest's ``preprocessing`` record of ``variant`` (its published eval transform)."""
+    from nextvit_model import resolve_variant
+
+    cfg = resolve_variant(variant)
+    return {"mean": list(cfg.mean), "std": list(cfg.std), "crop_pct": cfg.crop_pct,
+            "interpolation": cfg.interpolation, "color": "RGB", "layout": "NCHW",
+            "input_kind": input_kind,
+            "input_range": "normalized: (x/255 - mean) / std" if input_kind == "tensor" else "RGB 0..255"}
+
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}
@@ -41,7 +61,6 @@ def validate_fields(raw: Mapping[str, Any], where: Path) -> None:
     """Raise :class:`ArtifactError` (one line naming the field) unless ``raw`` is a well-formed manifest."""
     from nextvit_model import VARIANTS
 
-    from .export.onnx import output_names_for
     from .targets import TARGETS
 
     def bad(key: str, why: str) -> ArtifactError:

@@ -8,14 +8,17 @@ photos. Identity BatchNorm (freshly initialised) would hide fusion bugs, so it i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
 from .artifact import Artifact, sha256_path
 from .data import normalize, photos
 from .errors import CheckpointMismatch
+
+if TYPE_CHECKING:
+    from nextvit_model import LoadedCheckpoint
 
 __all__ = ["realistic_batchnorm_", "random_model", "reference_model", "build_model"]
 
@@ -41,7 +44,7 @@ def realistic_batchnorm_(model: nn.Module, *, seed: int, images: torch.Tensor) -
     return model.eval()
 
 
-def build_model(variant: str, *, checkpoint: str | Path | None = None, seed: int | None = None,
+def build_model(variant: str, *, checkpoint: str | Path | LoadedCheckpoint | None = None, seed: int | None = None,
                 features_only: bool = False, depths: tuple[int, int, int, int] | None = None,
                 num_classes: int | None = None) -> nn.Module:
     """The PyTorch Next-ViT an export starts from: a checkpoint's weights, or ``random_model(seed)``."""
@@ -85,6 +88,3 @@ def reference_model(artifact: Artifact) -> nn.Module:
                        features_only=artifact.features_only, depths=artifact.depths,
                        num_classes=artifact.num_classes)
 
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import sys
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from .errors import BadInput
 
@@ -59,6 +60,20 @@ def check_precision(target: str, precision: str) -> Target:
     return t
 
 
+def runner_for(artifact: Any, **options: Any) -> Any:
+    """The Runner for ``artifact`` (not yet activated): its target's runner, except that a TensorRT-ready
+    ``.onnx`` (a ``trt`` artifact written where TensorRT is absent) runs on ONNX Runtime, the graph being
+    plain ONNX. ``options`` (``threads``, ``providers``, ``device``, ``compute_units``, ...) go to the
+    runner factory, each to the factories that take it; None values are dropped."""
+    spec = get_target(artifact.target).runner
+    if artifact.target == "trt" and Path(artifact.path).suffix == ".onnx":
+        spec = TARGETS["onnx"].runner
+    factory = load_object(spec)
+    params = inspect.signature(factory).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return factory(artifact, **{k: v for k, v in options.items() if v is not None and (takes_all or k in params)})
+
+
 def load_object(spec: str) -> Callable:
     """Import ``"package.module:attr"`` lazily (targets import their heavy dependencies only when used)."""
     module, _, attr = spec.partition(":")
@@ -72,6 +87,3 @@ def artifact_name(variant: str, target: str, precision: str, height: int, width:
     head = "-backbone" if features_only else ""
     return f"{variant}{head}-{target}-{precision}-{size}{suffix or get_target(target).suffix}"
 
-
-def platform_is_macos() -> bool:
-    return sys.platform == "darwin"

@@ -17,7 +17,7 @@ from .backends.torch import TorchRunner
 from .data import noise_images, normalize, photos
 from .parity import ParityReport, Tolerance, compare_outputs, tolerance_for
 from .reference import reference_model
-from .targets import get_target, load_object
+from .targets import runner_for
 
 __all__ = ["verify", "verify_artifact", "load_artifact", "candidate_input", "parity_cases"]
 
@@ -52,8 +52,7 @@ def verify_artifact(artifact: Artifact, *, tolerance: Tolerance | None = None, m
     say("rebuilding the PyTorch reference from the manifest")
     reference = TorchRunner(reference_model(artifact), output_names=artifact.output_names,
                             name=f"TorchRunner({artifact.variant}, fp32)")
-    make_runner = load_object(get_target(artifact.target).runner)
-    candidate = make_runner(artifact, **(runner_options or {}))
+    candidate = runner_for(artifact, **(runner_options or {}))
     results = []
     with reference, candidate:
         for case, images in parity_cases(artifact, max_batch=max_batch):

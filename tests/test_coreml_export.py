@@ -48,9 +48,9 @@ def _labels(tmp: Path, n: int = 1000) -> Path:
 
 def _check_package(art, *, image: bool) -> None:
     """Manifest, package metadata and the program's ops."""
+    from nextvit_deploy._deps import import_coremltools
     from nextvit_deploy.artifact import Artifact
     from nextvit_deploy.backends.coreml_mil import SUPPORTED_OPS
-    from nextvit_deploy.export.coreml import import_coremltools
 
     ct = import_coremltools()
     loaded = Artifact.load(art.path)  # sha256 of the package directory matches the manifest
@@ -202,7 +202,8 @@ def test_class_labels_file_is_checked(tmp_path):
 
 
 def test_deployment_target_parsing():
-    from nextvit_deploy.export.coreml import import_coremltools, parse_deployment_target
+    from nextvit_deploy._deps import import_coremltools
+    from nextvit_deploy.export.coreml import parse_deployment_target
 
     ct = import_coremltools()
     assert parse_deployment_target("iOS16") == ct.target.iOS16

@@ -25,7 +25,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def ct():
-    from nextvit_deploy.export.coreml import import_coremltools
+    from nextvit_deploy._deps import import_coremltools
 
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     return import_coremltools()

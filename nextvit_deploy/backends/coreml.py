@@ -89,7 +89,7 @@ class CoreMLRunner(Runner):
 
     def _activate_impl(self) -> None:
         _require_macos("CoreMLRunner")
-        from ..export.coreml import import_coremltools
+        from .._deps import import_coremltools
 
         ct = import_coremltools(purpose="running Core ML packages")
         self.model = ct.models.MLModel(str(self.path), compute_units=_compute_unit(ct, self.compute_units))

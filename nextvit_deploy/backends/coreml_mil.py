@@ -62,7 +62,7 @@ def load_program(path: str | Path):
     Raises:
         ArtifactError: the path is not a readable ML Program package.
     """
-    from ..export.coreml import import_coremltools
+    from .._deps import import_coremltools
 
     ct = import_coremltools(purpose="reading Core ML packages")
     from coremltools.converters.mil.frontend.milproto.load import load

@@ -486,16 +486,13 @@ def engine_artifact(engine: str | Path) -> Artifact:
 
 
 def runner_for_artifact(artifact, **kw: Any) -> Runner:
-    """``TARGETS['trt'].runner``: an ``.engine`` gets a :class:`TrtRunner`; the TensorRT-ready ``.onnx``
-    written where TensorRT is absent runs on ONNX Runtime (``OrtRunner``), so ``verify`` works on it."""
-    if Path(artifact.path).suffix == ".engine":
-        outside = bool(artifact.details.get("built_outside"))
-        return TrtRunner(artifact.path, rebuild=str(artifact.details.get("trtexec") or ""),
-                         require_sidecar=not outside,
-                         **{k: v for k, v in kw.items() if k in ("device", "check_environment")})
-    from .onnxrt import runner_for_artifact as ort_runner  # the graph itself is plain ONNX
-
-    return ort_runner(artifact, **{k: v for k, v in kw.items() if k in ("threads", "providers")})
+    """``TARGETS['trt'].runner``: a :class:`TrtRunner` for an ``.engine`` (a TensorRT-ready ``.onnx`` runs
+    on ONNX Runtime: :func:`nextvit_deploy.targets.runner_for` sends it there)."""
+    if Path(artifact.path).suffix != ".engine":
+        raise DeployError(f"internal: {Path(artifact.path).name} is not an engine; open it with targets.runner_for")
+    outside = bool(artifact.details.get("built_outside"))
+    return TrtRunner(artifact.path, rebuild=str(artifact.details.get("trtexec") or ""), require_sidecar=not outside,
+                     **{k: v for k, v in kw.items() if k in ("device", "check_environment")})
 
 
 def trtexec_command(onnx_path: str | Path, engine_path: str | Path, *, precision: str,

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
     from ..fuse import FuseResult
 
-__all__ = ["ExportRequest", "export", "build_deploy_model", "parse_batch", "parse_image_size", "validate_request",
-           "estimate_export_bytes", "check_overwrite", "opset_range", "MAX_BATCH", "MAX_SIDE", "MAX_CALIB_IMAGES"]
+__all__ = ["ExportRequest", "CheckpointSource", "export", "build_deploy_model", "parse_batch", "parse_image_size",
+           "validate_request", "estimate_export_bytes", "check_overwrite", "opset_range", "MAX_BATCH", "MAX_SIDE",
+           "MAX_CALIB_IMAGES"]
 
 # Caps on what one export may ask for (a request beyond them is a typo or an attack, not a model).
 MAX_BATCH = 256
@@ -32,6 +33,15 @@ OPT_LEVELS = range(0, 6)
 
 # progress(message) callback: exporters report long steps through it (the CLI shows a spinner/bar).
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A request's checkpoint, read and hashed once (by :func:`validate_request`) for the whole export."""
+
+    path: Path
+    sha256: str
+    loaded: LoadedCheckpoint
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,19 @@ class ExportRequest:
     force: bool = False
     # Classifier width; None = the checkpoint head's (validate_request fills it in), else 1000.
     num_classes: int | None = None
+    # The checkpoint read and hashed once; validate_request fills it in (not part of the request's identity).
+    checkpoint_source: CheckpointSource | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of the checkpoint file (from :attr:`checkpoint_source` once validated), None without one."""
+        if self.checkpoint is None:
+            return None
+        if self.checkpoint_source is not None:
+            return self.checkpoint_source.sha256
+        from ..artifact import sha256_path
+
+        return sha256_path(self.checkpoint)
 
     @property
     def dynamic_batch(self) -> bool:
@@ -231,13 +254,13 @@ def validate_request(req: ExportRequest) -> ExportRequest:
         from ..data import scan_image_dir
 
         scan_image_dir(req.calib_dir, limit=req.calib_images)
-    num_classes = req.num_classes
-    if req.checkpoint is not None:
-        ckpt = _check_checkpoint(Path(req.checkpoint), cfg.name)
-        if num_classes is None and ckpt.num_classes is not None:
-            num_classes = ckpt.num_classes
+    num_classes, source = req.num_classes, req.checkpoint_source
+    if req.checkpoint is not None and (source is None or source.path != Path(req.checkpoint)):
+        source = _read_checkpoint(Path(req.checkpoint), cfg.name)
+    if source is not None and num_classes is None and source.loaded.num_classes is not None:
+        num_classes = source.loaded.num_classes
     check_creatable_dir(req.out_dir)
-    req = dataclasses.replace(req, num_classes=num_classes)
+    req = dataclasses.replace(req, num_classes=num_classes, checkpoint_source=source)
     check_overwrite(req)
     return req
 
@@ -255,11 +278,10 @@ def check_overwrite(req: ExportRequest) -> None:
     """
     if req.force:
         return
-    from ..artifact import manifest_path, read_manifest, sha256_path
+    from ..artifact import manifest_path, read_manifest
 
     paths = [req.output_path()] + ([req.output_path(suffix=".onnx")] if req.target == "trt" else [])
-    new_sha = sha256_path(req.checkpoint) if req.checkpoint else None
-    new = _source_of(None if req.checkpoint else req.seed, new_sha, req.depths)
+    new = _source_of(None if req.checkpoint else req.seed, req.checkpoint_sha256, req.depths)
     for path in paths:
         if not (path.exists() or path.is_symlink()):
             continue
@@ -273,10 +295,12 @@ def check_overwrite(req: ExportRequest) -> None:
                            "or choose another --out")
 
 
-def _check_checkpoint(path: Path, variant: str) -> LoadedCheckpoint:
-    """Fail before any work when the checkpoint is missing, unsafe, corrupt or of another variant."""
+def _read_checkpoint(path: Path, variant: str) -> CheckpointSource:
+    """Read and hash the checkpoint once; fail before any work when it is missing, unsafe, corrupt or of
+    another variant."""
     from nextvit_model import CheckpointError, read_checkpoint
 
+    from ..artifact import sha256_path
     from ..errors import CheckpointMismatch
 
     if not path.is_file():
@@ -289,7 +313,7 @@ def _check_checkpoint(path: Path, variant: str) -> LoadedCheckpoint:
         short = ckpt.variant.split("_")[1]
         raise CheckpointMismatch(f"checkpoint {path} is a {ckpt.variant} checkpoint but {variant} was requested: "
                                  f"pass --variant {short}")
-    return ckpt
+    return CheckpointSource(path=path, sha256=sha256_path(path), loaded=ckpt)
 
 
 def build_deploy_model(req: ExportRequest, *, progress: Progress) -> FuseResult:
@@ -299,7 +323,9 @@ def build_deploy_model(req: ExportRequest, *, progress: Progress) -> FuseResult:
     from ..reference import build_model
 
     progress(f"building {req.variant} ({'checkpoint' if req.checkpoint else f'random weights, seed {req.seed}'})")
-    model = build_model(req.variant, checkpoint=req.checkpoint, seed=req.seed, features_only=req.features_only,
+    source = req.checkpoint_source
+    model = build_model(req.variant, checkpoint=source.loaded if source is not None else req.checkpoint,
+                        seed=req.seed, features_only=req.features_only,
                         depths=req.depths, num_classes=req.num_classes)
     progress("folding BatchNorms (deploy form)")
     fused = fuse_model(model)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import tempfile
 import time
@@ -46,28 +45,21 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._deps import require
-from ..artifact import Artifact, publishing, tool_versions
+from .._deps import import_coremltools
+from ..artifact import Artifact, tool_versions
 from ..errors import BadInput, DeployError
-from . import ExportRequest, build_deploy_model, check_overwrite
-from .onnx import base_artifact, output_names_for, preprocessing_for
+from ..manifest import output_names_for, preprocessing_for
+from . import ExportRequest, build_deploy_model
+from .pipeline import export_stage
 
 __all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "parse_deployment_target", "read_class_labels",
-           "import_coremltools", "export_coreml", "INPUT_KINDS", "CLASSIFIER_LABEL_OUTPUT",
+           "export_coreml", "INPUT_KINDS", "CLASSIFIER_LABEL_OUTPUT",
            "CLASSIFIER_SCORES_OUTPUT"]
 
 INPUT_KINDS = ("tensor", "image")
 CLASSIFIER_LABEL_OUTPUT = "classLabel"
 CLASSIFIER_SCORES_OUTPUT = "classLabel_probs"  # coremltools names the score dictionary <label output>_probs
 AUTHOR = "nextvit-deploy"
-
-
-def import_coremltools(purpose: str = "Core ML export"):
-    """Import coremltools quietly (its import logs warnings about macOS-only parts on Linux)."""
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return require("coremltools", purpose=purpose)
 
 
 @contextlib.contextmanager
@@ -301,7 +293,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     meta["nextvit.variant"] = req.variant
     meta["nextvit.precision"] = req.precision
     meta["nextvit.preprocessing"] = json.dumps(pre, sort_keys=True)
-    meta["nextvit.checkpoint_sha256"] = _checkpoint_sha(req) or f"none (random weights, seed {req.seed})"
+    meta["nextvit.checkpoint_sha256"] = req.checkpoint_sha256 or f"none (random weights, seed {req.seed})"
     meta["nextvit.toolchain"] = json.dumps(versions, sort_keys=True)
     meta["nextvit.features_only"] = str(bool(req.features_only)).lower()
     mlmodel.input_description["input"] = (
@@ -318,8 +310,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
 
     final = req.output_path()
     output_map = {names[0]: CLASSIFIER_SCORES_OUTPUT} if labels is not None else {n: n for n in names}
-    with publishing(final, kind="dir") as stage:
-        check_overwrite(req)
+    with export_stage(req, final, kind="dir") as stage:
         tmp = stage.path
         progress(f"saving {final.name}")
         # coremltools insists on the .mlpackage suffix: save into a staging folder, then move into place.
@@ -344,14 +335,5 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             "metadata": {"author": AUTHOR, "version": __version__, "short_description": mlmodel.short_description},
             **facts,
         }
-        art = base_artifact(req, tmp, details=details, target="coreml", extra_versions=("coremltools",))
-        return stage.publish(art.replace(opset=None))
-
-
-def _checkpoint_sha(req: ExportRequest) -> str | None:
-    if req.checkpoint is None:
-        return None
-    from ..artifact import sha256_path
-
-    return sha256_path(req.checkpoint)
+        return stage.publish(details, target="coreml", extra_versions=("coremltools",), opset=None)
 

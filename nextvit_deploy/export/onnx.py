@@ -16,30 +16,15 @@ import numpy as np
 import torch
 
 from .._deps import available, require
-from ..artifact import Artifact, publishing, sha256_path, tool_versions
+from ..artifact import Artifact
 from ..errors import DeployError
+from ..manifest import output_names_for
 from . import ExportRequest, build_deploy_model
 
-__all__ = ["STANDARD_DOMAINS", "to_onnx", "graph_facts", "simplify_onnx", "export_onnx", "export_fp32_onnx",
-           "output_names_for", "preprocessing_for"]
+__all__ = ["STANDARD_DOMAINS", "to_onnx", "graph_facts", "simplify_onnx", "export_onnx", "export_fp32_onnx"]
 
 # Operators outside these domains (com.microsoft contrib ops, custom domains) are runtime-specific.
 STANDARD_DOMAINS = ("", "ai.onnx")
-FEATURE_NAMES = ("feat_s4", "feat_s8", "feat_s16", "feat_s32")
-
-
-def output_names_for(features_only: bool) -> tuple[str, ...]:
-    return FEATURE_NAMES if features_only else ("logits",)
-
-
-def preprocessing_for(variant: str, *, input_kind: str = "tensor") -> dict[str, Any]:
-    from nextvit_model import resolve_variant
-
-    cfg = resolve_variant(variant)
-    return {"mean": list(cfg.mean), "std": list(cfg.std), "crop_pct": cfg.crop_pct,
-            "interpolation": cfg.interpolation, "color": "RGB", "layout": "NCHW",
-            "input_kind": input_kind,
-            "input_range": "normalized: (x/255 - mean) / std" if input_kind == "tensor" else "RGB 0..255"}
 
 
 def to_onnx(model: torch.nn.Module, path: str | Path, *, image_size: tuple[int, int], batch: int,
@@ -153,34 +138,15 @@ def export_fp32_onnx(req: ExportRequest, path: Path, *, progress: Callable[[str]
             "exporter": "torch.onnx.export(dynamo=False)", **facts}
 
 
-def base_artifact(req: ExportRequest, path: Path, *, details: dict[str, Any], target: str | None = None,
-                  extra_versions: tuple[str, ...] = ()) -> Artifact:
-    """The manifest record shared by every exporter (path must already hold the final bytes)."""
-    h, w = req.image_size
-    return Artifact(
-        path=path, target=target or req.target, precision=req.precision, variant=req.variant,
-        input_shape=(req.batch[1], 3, h, w), batch=req.batch, dynamic_batch=req.dynamic_batch,
-        features_only=req.features_only, input_name="input", output_names=output_names_for(req.features_only),
-        preprocessing=preprocessing_for(req.variant, input_kind=req.input_kind), sha256=sha256_path(path),
-        checkpoint=str(Path(req.checkpoint).resolve()) if req.checkpoint else None,
-        checkpoint_sha256=sha256_path(req.checkpoint) if req.checkpoint else None,
-        seed=None if req.checkpoint else req.seed, depths=req.depths, opset=req.opset,
-        num_classes=req.num_classes or 1000,
-        versions=tool_versions("onnxsim", "onnxslim", *extra_versions), details=details)
-
-
 def export_onnx(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifact:
     """``nextvit-deploy export --target onnx``: fp32 deploy form, or its fp16/int8 transform."""
-    from . import check_overwrite
+    from .pipeline import export_stage
 
-    final = req.output_path()
-    with publishing(final) as stage:
-        check_overwrite(req)  # again, now that this export holds the name's lock
+    with export_stage(req, req.output_path()) as stage:
         details = export_fp32_onnx(req, stage.path, progress=progress)
         if req.precision != "fp32":
-            from .precision import apply_precision
+            from .transform import apply_precision
 
             details["precision_transform"] = apply_precision(stage.path, stage.path, req, convention="onnxruntime",
                                                              progress=progress)
-        # the manifest describes the final bytes: hash the temp file, which becomes `final` unchanged
-        return stage.publish(base_artifact(req, stage.path, details=details))
+        return stage.publish(details)

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable
 
 from .._deps import INSTALL_HINTS, require
-from ..artifact import Artifact, publishing
+from ..artifact import Artifact
 from ..errors import EngineNotBuilt, MissingDependency
 from . import ExportRequest
 
@@ -44,9 +44,9 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
         DeployError: the graph fails the TensorRT compatibility check (a bug; the message says which rule).
     """
     from ..trt_compat import require_trt_compat
-    from . import check_overwrite
-    from .onnx import base_artifact, export_fp32_onnx
-    from .precision import apply_precision
+    from .onnx import export_fp32_onnx
+    from .pipeline import export_stage
+    from .transform import apply_precision
 
     opset_note = None
     if req.effective_opset != req.opset:
@@ -57,8 +57,7 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
     onnx_final = req.output_path(suffix=".onnx")
     engine_final = req.output_path(suffix=".engine")
     trtexec = trtexec_for(req, onnx_final, engine_final)
-    with publishing(onnx_final) as stage:
-        check_overwrite(req)  # again, now that this export holds the name's lock
+    with export_stage(req, onnx_final) as stage:
         tmp = stage.path
         details = export_fp32_onnx(req, tmp, progress=progress)
         if req.precision != "fp32":
@@ -71,7 +70,7 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
                         "tensorrt_versions": f">= {compat.min_version} (10.x and 11.x, strongly typed)"})
         if opset_note:
             details["opset_note"] = opset_note
-        onnx_art = stage.publish(base_artifact(req, tmp, details=details, target="trt"))
+        onnx_art = stage.publish(details, target="trt")
     try:
         require("tensorrt", purpose="building the TensorRT engine")
     except MissingDependency:
@@ -85,14 +84,13 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
         current_environment(req.device)
     except MissingDependency as exc:
         raise EngineNotBuilt(str(exc), artifact=onnx_art, trtexec=trtexec) from None
-    with publishing(engine_final) as stage:
+    with export_stage(req, engine_final) as stage:
         sidecar = build_engine(onnx_final, stage.path, BuildOptions(
             precision=req.precision, batch=req.batch, image_size=req.image_size, workspace_gb=req.workspace_gb,
             timing_cache=req.timing_cache, builder_opt_level=req.builder_opt_level, rebuild_hint=trtexec,
             device=req.device), progress=progress, write_sidecar=False)
         engine_details = {"onnx": onnx_final.name, "engine": sidecar, "trtexec": trtexec,
                           "precision_transform": details.get("precision_transform"), "trt_compat": compat.to_dict()}
-        engine_art = stage.publish(base_artifact(req, stage.path, details=engine_details, target="trt",
-                                                 extra_versions=("tensorrt",)))
+        engine_art = stage.publish(engine_details, target="trt", extra_versions=("tensorrt",))
     write_sidecar_file(engine_final, sidecar)  # beside the published engine (read only with it)
     return engine_art

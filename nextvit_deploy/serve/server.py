@@ -23,7 +23,6 @@ attribute '_recursion_count'``.
 from __future__ import annotations
 
 import ctypes
-import inspect
 import json
 import os
 import shutil
@@ -164,13 +163,9 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 
 def open_artifact_runner(artifact: Artifact, *, threads: int | None = None) -> Any:
     """The artifact's runner through ``TARGETS`` (not yet entered); ``threads`` where the runner takes it."""
-    from ..targets import get_target, load_object
+    from ..targets import runner_for
 
-    factory = load_object(get_target(artifact.target).runner)
-    params = inspect.signature(factory).parameters
-    takes = "threads" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {"threads": threads} if threads and takes else {}
-    return factory(artifact, **kwargs)
+    return runner_for(artifact, threads=threads or None)
 
 
 def _io_for_serving(artifact: Artifact) -> tuple[tuple[int, ...], list[tuple[str, tuple[int, ...]]]]:
