@@ -18,8 +18,9 @@ from nextvit_deploy.backends.tensorrt import (
     sidecar_path,
     trtexec_command,
 )
-from nextvit_deploy.errors import ArtifactError, EngineNotBuilt, MissingDependency
+from nextvit_deploy.errors import ArtifactError, DeployError, EngineNotBuilt, MissingDependency
 from nextvit_deploy.export import ExportRequest, export
+from nextvit_deploy.targets import runner_for
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 requires_trt = pytest.mark.skipif(not HAVE_TRT, reason="tensorrt is not installed")
@@ -45,7 +46,9 @@ def test_export_trt_without_tensorrt_writes_onnx_and_trtexec(tmp_path):
     assert f"--onnx={art.path}" in exc.trtexec and "--minShapes=input:1x3x64x64" in exc.trtexec
     assert "--maxShapes=input:4x3x64x64" in exc.trtexec and "--noTF32" in exc.trtexec
     assert art.details["trt_compat"]["passed"]
-    assert isinstance(runner_for_artifact(art), OrtRunner)  # verify runs it on ONNX Runtime here
+    assert isinstance(runner_for(art), OrtRunner)  # verify runs it on ONNX Runtime here
+    with pytest.raises(DeployError, match="not an engine"):
+        runner_for_artifact(art)  # the TensorRT runner factory takes engines only
 
 
 def test_trtexec_command_flags():
