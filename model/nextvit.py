@@ -40,6 +40,10 @@ class InputSizeError(ValueError):
     """The input's height/width cannot be processed by Next-ViT."""
 
 
+class UnknownVariantError(ValueError):
+    """A variant name that is neither a canonical name nor an alias; the message lists the choices."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers: BatchNorm algebra shared by every block's reparameterize().
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +400,7 @@ def resolve_variant(name: str) -> VariantCfg:
     choices = list(VARIANTS) + [a for c in VARIANTS.values() for a in c.aliases]
     close = difflib.get_close_matches(key, choices, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise KeyError(f"unknown variant {name!r}{hint}; choose one of: {', '.join(VARIANTS)}")
+    raise UnknownVariantError(f"unknown variant {name!r}{hint}; choose one of: {', '.join(VARIANTS)}")
 
 
 def stage_resolutions(height: int, width: int) -> list[tuple[int, int]]:

@@ -4,7 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextvit_model import VARIANTS, InputSizeError, NextViT, create_model, resolve_variant, stage_resolutions
+from nextvit_model import (
+    VARIANTS,
+    InputSizeError,
+    NextViT,
+    UnknownVariantError,
+    create_model,
+    resolve_variant,
+    stage_resolutions,
+)
 
 from conftest import SMALL_DEPTHS
 
@@ -41,7 +49,7 @@ def test_variant_aliases(alias, name):
 
 
 def test_unknown_variant_suggests_a_fix():
-    with pytest.raises(KeyError, match="did you mean 'nextvit_small'"):
+    with pytest.raises(UnknownVariantError, match="did you mean 'nextvit_small'"):
         resolve_variant("nextvit_smal")
 
 

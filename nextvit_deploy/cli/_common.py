@@ -39,17 +39,17 @@ JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the res
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = str(exc)
     return " ".join(text.split()) or type(exc).__name__
 
 
 def _error_types() -> tuple[type[BaseException], ...]:
-    from nextvit_model import CheckpointError, InputSizeError
+    from nextvit_model import CheckpointError, InputSizeError, UnknownVariantError
 
     from ..errors import DeployError
 
     # Order matters only for readability: every entry prints its message on one line and exits 2.
-    return DeployError, CheckpointError, InputSizeError
+    return DeployError, CheckpointError, InputSizeError, UnknownVariantError
 
 
 def handle_errors(fn: Callable) -> Callable:

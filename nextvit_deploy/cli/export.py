@@ -122,15 +122,10 @@ def export_cmd(
         raise BadInput(f"--input-kind must be 'tensor' or 'image', got {input_kind!r}")
     if json_path is not None:
         check_output_file(json_path)
-    from nextvit_model import resolve_variant
-
-    from ..export import ExportRequest, export, parse_batch, parse_image_size
+    from ..export import ExportRequest, canonical_variant, export, parse_batch, parse_image_size
     from ..report import artifact_table, write_json
 
-    try:
-        canonical = resolve_variant(variant).name
-    except KeyError as exc:
-        raise BadInput(exc.args[0]) from None
+    canonical = canonical_variant(variant)
     req = ExportRequest(
         target=target.value, precision=precision.value, variant=canonical, image_size=parse_image_size(image_size),
         batch=parse_batch(batch), opset=opset, out_dir=out_dir, checkpoint=checkpoint, seed=seed,

@@ -334,16 +334,21 @@ def build_deploy_model(req: ExportRequest, *, progress: Progress) -> FuseResult:
     return fused
 
 
-def export(req: ExportRequest, *, progress: Progress | None = None) -> Artifact:
-    """Validate ``req`` and run the target's exporter. Returns the written artifact."""
-    from nextvit_model import resolve_variant
-
-    from ..targets import get_target
+def canonical_variant(name: str) -> str:
+    """The canonical variant name for ``name`` (an alias such as ``s`` or ``Next-ViT-S``), or :class:`BadInput`."""
+    from nextvit_model import UnknownVariantError, resolve_variant
 
     try:
-        req = dataclasses.replace(req, variant=resolve_variant(req.variant).name)  # aliases -> canonical name
-    except KeyError as exc:
-        raise BadInput(exc.args[0]) from None
+        return resolve_variant(name).name
+    except UnknownVariantError as exc:
+        raise BadInput(f"{exc} (pass one to --variant)") from None
+
+
+def export(req: ExportRequest, *, progress: Progress | None = None) -> Artifact:
+    """Validate ``req`` and run the target's exporter. Returns the written artifact."""
+    from ..targets import get_target
+
+    req = dataclasses.replace(req, variant=canonical_variant(req.variant))  # aliases -> canonical name
     req = validate_request(req)
     exporter = load_object(get_target(req.target).exporter)
     return exporter(req, progress=progress or (lambda _msg: None))
