@@ -53,14 +53,14 @@ def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return bn.scale.detach().clone(), bn.shift.detach().clone()
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm, got {type(bn).__name__}")
-    if not bn.track_running_stats or bn.running_var is None or not bn.affine:
+    if not bn.track_running_stats or bn.running_var is None or bn.running_mean is None or not bn.affine:
         raise ValueError("only affine BatchNorm with running statistics can be folded")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
     return scale.detach(), shift.detach()
 
 
-def _weight_as_matrix_view(layer: nn.Module) -> torch.Tensor:
+def _weight_as_matrix_view(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
     weight = layer.weight
     if isinstance(layer, nn.Conv2d):
         if weight.shape[2:] != (1, 1) or layer.groups != 1:
@@ -70,7 +70,7 @@ def _weight_as_matrix_view(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_norm_after(layer: nn.Module, norm: nn.Module) -> None:
+def fold_norm_after(layer: nn.Conv2d | nn.Linear, norm: nn.Module) -> None:
     """Fold ``norm(layer(x))`` into ``layer`` (Conv2d or Linear followed by a per-channel norm)."""
     scale, shift = bn_scale_shift(norm)
     weight = layer.weight * scale.reshape(-1, *([1] * (layer.weight.dim() - 1)))
@@ -80,7 +80,7 @@ def fold_norm_after(layer: nn.Module, norm: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fold_norm_before(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def fold_norm_before(layer: nn.Conv2d | nn.Linear, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Fold a per-input-channel affine ``x * scale + shift`` that precedes ``layer`` into it."""
     matrix = _weight_as_matrix_view(layer)
     bias = layer.bias if layer.bias is not None else matrix.new_zeros(matrix.shape[0])
@@ -99,6 +99,9 @@ def compose_affine(first: tuple[torch.Tensor, torch.Tensor],
 
 class ChannelAffine(nn.Module):
     """Per-channel ``x * scale + shift`` on NCHW: what an output BatchNorm becomes in the deploy form."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
         super().__init__()
@@ -164,6 +167,7 @@ class PatchEmbed(nn.Module):
         if self.is_fused or isinstance(self.norm, nn.Identity):
             self.is_fused = True
             return 0
+        assert isinstance(self.conv, nn.Conv2d)
         fold_norm_after(self.conv, self.norm)
         self.norm = nn.Identity()
         self.is_fused = True
@@ -494,7 +498,7 @@ class NextViT(nn.Module):
         in_chs = stem_chs[2]
         stages = []
         for stage_idx, (chs, types) in enumerate(zip(stage_chs, stage_types)):
-            blocks = []
+            blocks: list[nn.Module] = []
             for block_idx, (out_chs, kind) in enumerate(zip(chs, types)):
                 stride = 2 if stage_idx > 0 and block_idx == 0 else 1
                 if kind == "ncb":

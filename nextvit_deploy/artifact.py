@@ -202,7 +202,7 @@ def clean_stale_temps(final: str | Path) -> list[Path]:
     is dead. Returns the removed paths.
     """
     final = Path(final)
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(final.parent.iterdir())
     except OSError:

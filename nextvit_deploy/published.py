@@ -62,7 +62,7 @@ def _float(text: str) -> float | None:
 @functools.lru_cache(maxsize=1)
 def published_rows() -> tuple[PublishedRow, ...]:
     """Every row of the packaged CSV, in file order."""
-    text = resources.files("nextvit_deploy").joinpath("resources", CSV_NAME).read_text(encoding="utf-8")
+    text = resources.files("nextvit_deploy").joinpath("resources").joinpath(CSV_NAME).read_text(encoding="utf-8")
     rows = []
     for rec in csv.DictReader(text.splitlines()):
         rows.append(PublishedRow(

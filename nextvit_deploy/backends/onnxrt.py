@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class OrtRunner(Runner):
         self.graph_optimization = graph_optimization
         self.name = f"OrtRunner({self.path.name})"
         self.device = "cpu" if self.providers == ["CPUExecutionProvider"] else ",".join(self.providers)
-        self.session = None
+        self.session: Any = None  # an onnxruntime.InferenceSession while active
 
     def _activate_impl(self) -> None:
         ort = require("onnxruntime", purpose="running ONNX models")

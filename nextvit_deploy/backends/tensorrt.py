@@ -380,7 +380,9 @@ class TrtRunner(Runner):
         self.notes: list[str] = []
         self.last_gpu_ms: float | None = None
         self._cuda = cuda
-        self._engine = self._context = self._stream = None
+        self._engine: Any = None  # tensorrt.ICudaEngine, IExecutionContext and a CUDA stream while active
+        self._context: Any = None
+        self._stream: Any = None
         self._trt: Any = None
 
     def _activate_impl(self) -> None:

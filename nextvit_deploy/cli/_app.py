@@ -10,7 +10,7 @@ import typer
 try:  # typer >= 0.22 vendors click as typer._click; its exceptions are not the installed click's
     from typer import _click as click
 except ImportError:  # pragma: no cover - older typer uses click itself
-    import click
+    import click  # type: ignore[no-redef]
 from typer.core import TyperGroup
 
 from .bench import EXAMPLES as BENCH_EXAMPLES
@@ -40,7 +40,7 @@ _Abort = tuple(t for t in (getattr(click.exceptions, "Abort", None), getattr(typ
 class OneLineGroup(TyperGroup):
     """The root command: usage errors become one line on stderr with exit 2, Ctrl-C one line with 130."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

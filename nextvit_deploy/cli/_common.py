@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +29,8 @@ err = _console(stderr=True)
 
 TargetName = Enum("TargetName", {name: name for name in TARGETS}, type=str)  # type: ignore[misc]
 PrecisionName = Enum("PrecisionName", {p: p for p in PRECISIONS}, type=str)  # type: ignore[misc]
+DEFAULT_TARGET: Any = TargetName("onnx")  # Any: the Enums are built at run time, mypy cannot see their members
+DEFAULT_PRECISION: Any = PrecisionName("fp32")
 
 VariantOpt = Annotated[str, typer.Option("--variant", "-m", help="nextvit_small|base|large (or s, b, l).")]
 ImageSizeOpt = Annotated[str, typer.Option("--image-size", "-s", help="224 or HEIGHTxWIDTH, e.g. 256x320.")]

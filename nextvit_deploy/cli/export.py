@@ -9,6 +9,8 @@ from rich.markup import escape
 
 from ..errors import BadInput, DeployError
 from ._common import (
+    DEFAULT_PRECISION,
+    DEFAULT_TARGET,
     BatchOpt,
     CheckpointOpt,
     ImageSizeOpt,
@@ -82,8 +84,8 @@ def check_applicable(ctx: typer.Context, *, target: str, precision: str, checkpo
 @handle_errors
 def export_cmd(
     ctx: typer.Context,
-    target: Annotated[TargetName, typer.Option("--target", "-t", help="Where the model will run.")] = "onnx",
-    precision: Annotated[PrecisionName, typer.Option("--precision", "-p", help="Numeric precision.")] = "fp32",
+    target: Annotated[TargetName, typer.Option("--target", "-t", help="Where the model will run.")] = DEFAULT_TARGET,
+    precision: Annotated[PrecisionName, typer.Option("--precision", "-p", help="Numeric precision.")] = DEFAULT_PRECISION,
     variant: VariantOpt = "nextvit_small",
     image_size: ImageSizeOpt = "224",
     batch: BatchOpt = "1",

@@ -105,7 +105,7 @@ class ExportRequest:
         from .int8 import Int8Options
 
         return Int8Options(method=self.calib_method, residual=self.int8_residual, attention=self.int8_attention,
-                           high_precision=self.int8_high_precision)  # type: ignore[arg-type]
+                           high_precision=self.int8_high_precision)
 
     @property
     def effective_opset(self) -> int:

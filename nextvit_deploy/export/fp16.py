@@ -98,7 +98,7 @@ class Fp16Result:
     fp32_nodes: int
     casts: int
     policy: Fp16Policy
-    ranges_summary: dict[str, float] = field(default_factory=dict)
+    ranges_summary: dict[str, Any] = field(default_factory=dict)
 
     def details(self) -> dict[str, Any]:
         p = self.policy

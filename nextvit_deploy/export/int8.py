@@ -448,6 +448,7 @@ def quantize_trt(model, calibration: Feeds, *, options: Int8Options = Int8Option
         if name not in weight_dq:
             w = numpy_helper.to_array(inits[name]).astype(np.float32)
             axis = weight_channel_axis(node, w.shape)
+            assert axis is not None, f"{node.name}: input {name} is not a weight"
             reduce_axes = tuple(a for a in range(w.ndim) if a != axis)
             amax = np.maximum(np.abs(w).max(axis=reduce_axes), MIN_AMAX).astype(np.float32)
             scale = amax / INT8_WEIGHT_MAX

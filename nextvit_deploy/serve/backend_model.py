@@ -34,7 +34,7 @@ from typing import Any
 
 
 def _pb():
-    import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
+    import triton_python_backend_utils as pb_utils
 
     return pb_utils
 
@@ -60,7 +60,7 @@ class TritonPythonModel:
         self.mode = p.get("mode", "tensor")
         self.output_names = [o["name"] for o in config["output"]]
         if self.mode == "preprocess":  # no runner: decode + preprocess only (ensemble step of triton-repo)
-            self.runner = None
+            self.runner: Any = None
             self.input_dtype = p.get("dtype", "float32")
             self.size = (int(p["height"]), int(p["width"]))
             self.crop_pct = float(p["crop_pct"])

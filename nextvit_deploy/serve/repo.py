@@ -133,7 +133,7 @@ def model_io(artifact: Artifact) -> ModelIO:
     """
     lo, _, hi = artifact.batch
     batch_dim = -1 if artifact.dynamic_batch else artifact.batch[0]
-    source = artifact.path
+    source: Path | None = artifact.path
     if artifact.path.suffix != ".onnx":
         beside = artifact.details.get("onnx")
         source = artifact.path.with_name(beside) if beside else None
@@ -145,6 +145,7 @@ def model_io(artifact: Artifact) -> ModelIO:
             return ModelIO((TensorIO(artifact.input_name, "TYPE_FP32", (batch_dim, c, h, w)),),
                            tuple(TensorIO(n, "TYPE_FP32", (batch_dim, artifact.num_classes))
                                  for n in artifact.output_names))
+    assert source is not None  # an engine without its ONNX returned above
     io = _onnx_io(source)
 
     def fix(t: TensorIO) -> TensorIO:  # the batch axis follows the manifest, other dims stay as in the graph

@@ -256,7 +256,14 @@ class TritonProcess:
     def __init__(self, dist: Path, repo: Path, backends: Path, opts: ServeOptions, log_path: Path):
         self.dist, self.repo, self.backends, self.opts, self.log_path = dist, repo, backends, opts, log_path
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: Any = None
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The running tritonserver (after :meth:`start`)."""
+        if self.proc is None:
+            raise ServerError("internal: tritonserver was not started")
+        return self.proc
 
     @property
     def probe_host(self) -> str:
@@ -294,8 +301,8 @@ class TritonProcess:
     def wait_ready(self, models: list[str], stop: threading.Event) -> None:
         deadline = time.monotonic() + self.opts.startup_timeout_s
         while time.monotonic() < deadline and not stop.is_set():
-            if self.proc.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.proc.returncode} while starting: "
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting: "
                                   f"{self.log_tail() or 'no log'} (full log: {self.log_path})")
             if self._ready("/v2/health/ready") and all(self._ready(f"/v2/models/{m}/ready") for m in models):
                 return
@@ -375,11 +382,11 @@ def serve(path: str | Path, opts: ServeOptions = ServeOptions(), *,
                                input_shape=tuple(artifact.input_shape[1:]),
                                max_batch_size=hi if artifact.dynamic_batch else lo,
                                http_url=f"http://{host}:{opts.http_port}", grpc_url=f"{host}:{opts.grpc_port}",
-                               metrics_url=f"http://{host}:{opts.metrics_port}/metrics", pid=server.proc.pid))
+                               metrics_url=f"http://{host}:{opts.metrics_port}/metrics", pid=server.process.pid))
         deadline = None if opts.timeout_s is None else time.monotonic() + opts.timeout_s
         while not stop.is_set():
-            if server.proc.poll() is not None:
-                raise ServerError(f"tritonserver stopped unexpectedly (code {server.proc.returncode}): "
+            if server.process.poll() is not None:
+                raise ServerError(f"tritonserver stopped unexpectedly (code {server.process.returncode}): "
                                   f"{server.log_tail() or 'no log'}")
             if deadline is not None and time.monotonic() >= deadline:
                 break
