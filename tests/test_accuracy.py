@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn", reason="scikit-learn is not installed (provides the digits dataset)")
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_digits.py"
 
 
@@ -21,6 +19,7 @@ def _bench():
     return mod
 
 
+@pytest.mark.slow
 def test_trained_digits_precision_drops():
     bench = _bench()
     table = bench.run(bench.SHORT, speed_iters=2, variants=bench.SHORT_VARIANTS, log=lambda _m: None)

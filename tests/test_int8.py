@@ -299,6 +299,7 @@ def _assert_photo_cases_pass(report):
     assert report.passed
 
 
+@pytest.mark.slow
 def test_nextvit_s_int8_onnx_x86_export_verifies(tmp_path):
     """Issue #3 acceptance: Next-ViT-S `--target onnx --precision int8` passes verify on ORT CPU."""
     art = export(ExportRequest(target="onnx", precision="int8", batch=(1, 2, 2), out_dir=tmp_path, calib_images=12))

@@ -101,6 +101,7 @@ def test_calibration_folder_errors_and_cap(tmp_path):
         calibration_set(calib_dir=good, **{**kw, "calib_images": 0})
 
 
+@pytest.mark.slow
 def test_nextvit_s_fp16_trt_ready_onnx_verifies(tmp_path):
     """Issue #3 acceptance: Next-ViT-S FP16 graph, batch 1..8, cosine >= 0.9995 on real photos (ORT CPU)."""
     req = ExportRequest(target="trt", precision="fp16", batch=(1, 8, 8), out_dir=tmp_path, calib_images=12)
