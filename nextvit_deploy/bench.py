@@ -540,7 +540,8 @@ def _measure_tensorrt(onnx_path: Path, name: str, built: _Built, cfg: BenchConfi
     does, with ``nextvit_deploy.backends.tensorrt.build_engine`` and time ``TrtRunner.infer`` (end to end,
     host copies included); its CUDA-event time per run (``last_gpu_ms``) becomes the GPU columns. Not run
     on a machine without TensorRT."""
-    from .backends.tensorrt import BuildOptions, TrtRunner, build_engine
+    from .backends.tensorrt import TrtRunner
+    from .backends.trt_build import BuildOptions, build_engine
 
     graph = trt_ready_onnx(onnx_path, cfg.precision, cfg, tmp / f"{name}-{cfg.precision}.onnx")
     engine = tmp / f"{name}-{cfg.precision}.engine"

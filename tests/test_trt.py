@@ -16,8 +16,8 @@ from nextvit_deploy.backends.tensorrt import (
     read_sidecar,
     runner_for_artifact,
     sidecar_path,
-    trtexec_command,
 )
+from nextvit_deploy.backends.trt_build import trtexec_command
 from nextvit_deploy.errors import ArtifactError, DeployError, EngineNotBuilt, MissingDependency
 from nextvit_deploy.export import ExportRequest, export
 from nextvit_deploy.targets import runner_for

@@ -17,17 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from nextvit_deploy.backends import tensorrt as trt_backend
-from nextvit_deploy.backends.tensorrt import (
-    BuildOptions,
-    EngineBuildError,
-    EngineMismatch,
-    TrtRunner,
-    build_engine,
-    graph_precision,
-    read_sidecar,
-    sidecar_path,
-    trtexec_command,
-)
+from nextvit_deploy.backends.tensorrt import EngineBuildError, EngineMismatch, TrtRunner, read_sidecar, sidecar_path
+from nextvit_deploy.backends.trt_build import BuildOptions, build_engine, graph_precision, trtexec_command
 from nextvit_deploy.errors import ArtifactError, BadInput
 from nextvit_deploy.export.fp16 import convert_to_mixed
 from nextvit_deploy.export.int8 import Int8Options, quantize_trt

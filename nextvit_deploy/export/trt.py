@@ -24,7 +24,7 @@ __all__ = ["export_trt", "trtexec_for"]
 
 
 def trtexec_for(req: ExportRequest, onnx_path, engine_path) -> str:
-    from ..backends.tensorrt import trtexec_command
+    from ..backends.trt_build import trtexec_command
 
     return trtexec_command(onnx_path, engine_path, precision=req.precision, batch=req.batch,
                            image_size=req.image_size, workspace_gb=req.workspace_gb, timing_cache=req.timing_cache,
@@ -78,7 +78,8 @@ def export_trt(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifa
             f"TensorRT is not installed, so no engine was built (the TensorRT-ready ONNX is {onnx_final}); "
             f"install it with: {INSTALL_HINTS['tensorrt']}, or run the trtexec command above on a GPU machine",
             artifact=onnx_art, trtexec=trtexec) from None
-    from ..backends.tensorrt import BuildOptions, build_engine, current_environment, write_sidecar_file
+    from ..backends.tensorrt import current_environment
+    from ..backends.trt_build import BuildOptions, build_engine, write_sidecar_file
 
     try:
         current_environment(req.device)
