@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "nextvit_deploy"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-zA-Z0-9-]*")
 GLOBAL_FLAGS = {"--help"}
 # Functions that build another program's command line: their flags are that program's (trtexec, tritonserver).
-FOREIGN_BUILDERS = {("backends/tensorrt.py", "trtexec_command"), ("serve/server.py", "command")}
+FOREIGN_BUILDERS = {("backends/trt_build.py", "trtexec_command"), ("serve/server.py", "command")}
 FOREIGN_TEXT = ("trtexec", "--saveEngine=", "tritonserver", "pip install")  # a message quoting such a command line
 # Which commands can print a module's strings (first matching prefix wins; unlisted modules: any command).
 COMMANDS_OF = {

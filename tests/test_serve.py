@@ -177,6 +177,7 @@ def _direct(artifact: Artifact, x: np.ndarray) -> np.ndarray:
         return r.infer({"input": x})["logits"]
 
 
+@pytest.mark.slow  # starts tritonserver
 def test_concurrent_burst_matches_direct_runner_and_is_batched(server, artifact):
     from tritonclient.grpc import InferenceServerClient
 
@@ -202,6 +203,7 @@ def test_concurrent_burst_matches_direct_runner_and_is_batched(server, artifact)
     assert max(int(b["batch_size"]) for b in model["batch_stats"]) > 1
 
 
+@pytest.mark.slow  # starts tritonserver
 def test_malformed_requests_fail_alone(server, artifact):
     from tritonclient.utils import InferenceServerException
 
@@ -225,6 +227,7 @@ def test_malformed_requests_fail_alone(server, artifact):
                            tolerance=tolerance_for(artifact.precision), case="photos")
 
 
+@pytest.mark.slow  # starts tritonserver
 def test_encoded_image_is_preprocessed_like_verify(server, artifact):
     import skimage.data
     from PIL import Image
@@ -248,6 +251,7 @@ def test_encoded_image_is_preprocessed_like_verify(server, artifact):
                            tolerance=tolerance_for(artifact.precision), case="photos")
 
 
+@pytest.mark.slow  # starts tritonserver
 def test_sigint_stops_cleanly_and_static_batch_is_padded(tmp_path):
     art = export(ExportRequest(target="onnx", depths=SMALL_DEPTHS, image_size=(64, 64), batch=(4, 4, 4),
                                out_dir=tmp_path))
@@ -304,6 +308,7 @@ def test_errors_before_start_are_one_line(artifact, tmp_path):
     assert "pip install --no-deps nvidia-pytriton==0.7.0" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # starts tritonserver
 def test_triton_repo_preprocessing_model_runs_on_triton(artifact, tmp_path, monkeypatch):
     """The `<name>_preprocess` step that `triton-repo --image-input` writes, on the real server: it returns
     exactly what verify's preprocessing computes. (The ensemble's ONNX step needs the onnxruntime backend,
