@@ -82,10 +82,10 @@ class CoreMLRunner(Runner):
         self.input_kind = input_kind
         self.input_shape = tuple(input_shape)
         self.output_map = dict(output_map or {"logits": "logits"})
-        self.class_labels = list(class_labels) if class_labels else None
+        self.class_labels: list[str] = list(class_labels) if class_labels else []
         self.name = f"CoreMLRunner({self.path.name}, {self.compute_units})"
         self.device = f"Core ML (macOS, {self.compute_units})"
-        self.model = None
+        self.model: Any = None  # coremltools.models.MLModel while active
 
     def _activate_impl(self) -> None:
         _require_macos("CoreMLRunner")
@@ -190,6 +190,7 @@ def measure_latency(artifact, *, compute_units: Sequence[str] = LATENCY_UNITS, w
     reports = []
     for unit in compute_units:
         runner = runner_for_artifact(artifact, compute_units=unit, backend="coreml")
+        assert isinstance(runner, CoreMLRunner)
         with runner:
             inputs = runner._feeds(feed)  # prepared once: time predict(), not image conversion
 

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -108,6 +108,12 @@ class _Args:
         if isinstance(var, (list, tuple)):
             return [self.env[v.name] for v in var]
         return self.env[var.name]
+
+    @overload
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+    @overload
+    def tensor(self, name: str, *, optional: bool) -> torch.Tensor | None: ...
 
     def tensor(self, name: str, *, optional: bool = False) -> torch.Tensor | None:
         """Input ``name`` as a tensor, floating types widened to float32 for computing."""
@@ -510,14 +516,20 @@ class MilRunner(Runner):
                  input_name: str = "input"):
         super().__init__()
         self.path = Path(path)
-        self.output_map = dict(output_map) if output_map else None
+        self.output_map: dict[str, str] = dict(output_map) if output_map else {}  # {}: the program's outputs
         self.input_name = input_name
         self.name = f"MilRunner({self.path.name})"
         self.evaluator: MilEvaluator | None = None
 
+    @property
+    def _program(self) -> MilEvaluator:
+        if self.evaluator is None:
+            raise DeployError(f"internal: {self.name} used outside its `with` block")
+        return self.evaluator
+
     def _activate_impl(self) -> None:
         self.evaluator = MilEvaluator.from_package(self.path)
-        if self.output_map is None:
+        if not self.output_map:
             self.output_map = {n: n for n in self.evaluator.output_names}
         missing = [v for v in self.output_map.values() if v not in self.evaluator.output_names]
         if missing:
@@ -531,10 +543,10 @@ class MilRunner(Runner):
         self.evaluator = None
 
     def _inputs_impl(self) -> list[TensorSpec]:
-        return self.evaluator.input_specs()
+        return self._program.input_specs()
 
     def _infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raw = self.evaluator.run({self.input_name: feed[self.input_name]})
+        raw = self._program.run({self.input_name: feed[self.input_name]})
         out = {}
         for name, program_name in self.output_map.items():
             value = raw[program_name]
