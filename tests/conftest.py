@@ -72,3 +72,30 @@ class PicklePayload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+# Small-model tests that each took more than ~3.5 s on 2 idle cores (pytest --durations): CI runs them (the
+# README's test command runs everything); the fast tier (-m "not slow") leaves them out so that it stays under
+# 3 minutes. Full-size tests carry @pytest.mark.slow themselves.
+HEAVY = (
+    "test_bench.py::test_small_run_measures_every_backend_present",
+    "test_bench.py::test_cli_bench_writes_table_files_and_plot",
+    "test_bench.py::test_nextvit_rows_do_not_need_timm",
+    "test_serve.py::test_errors_before_start_are_one_line",
+    "test_trt.py::test_export_trt_without_tensorrt_writes_onnx_and_trtexec",
+    "test_fuzz.py::test_fuzz_manifest_fields",
+    "test_onnx.py::test_dynamic_batch_runs_at_min_and_max",
+    "test_coreml_export.py::test_small_export_verifies_on_linux[tensor-fp32-224]",
+    "test_coreml_export.py::test_small_export_verifies_on_linux[image-fp16-odd]",
+    "test_coreml_export.py::test_small_export_verifies_on_linux[image-fp16-224-labels]",
+    "test_int8.py::test_static_batch_calibrates_in_full_batches",
+    "test_trt_builder.py::test_engine_built_outside_the_tool_is_identified_by_its_onnx_manifest",
+    "test_precision.py::test_small_fp16_onnx_export_verifies",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        node = f"{Path(str(item.fspath)).name}::{item.name}"
+        if node in HEAVY or node.split("[")[0] in HEAVY:
+            item.add_marker(pytest.mark.slow)
