@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import nextvit_model.checkpoint as checkpoint_module
-from conftest import requires
 from nextvit_deploy.artifact import Artifact, sha256_path
 from nextvit_deploy.errors import EngineNotBuilt
 from nextvit_deploy.export import ExportRequest, export
 from nextvit_deploy.reference import random_model
+
+from conftest import requires
 
 DEPTHS = (1, 1, 5, 1)
 

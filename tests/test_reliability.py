@@ -284,7 +284,7 @@ def test_5_decompression_bomb_and_strip_are_skipped_with_reasons(tmp_path):
     images = list(stream)
     assert [p.name for _, p in images] == ["ok.png"]
     reasons = {s.path.name: s.reason for s in stream.skipped}
-    assert "decompression-bomb guard" in reasons["bomb.png"] and "aspect ratio beyond 20:1" in reasons["strip.png"]
+    assert "decompression-bomb guard" in reasons["bomb.png"] and "aspect ratio beyond 64:1" in reasons["strip.png"]
     assert "2 skipped (bomb.png:" in stream.summary()
 
 
