@@ -335,7 +335,7 @@ def _help_flags(*command: str) -> set[str]:
 
 def test_7_flags_in_messages_exist():
     root = Path(__file__).resolve().parents[1]
-    known = set().union(*(_help_flags(c) for c in ("export", "verify", "bench", "doctor", "triton-repo", "serve")))
+    known = set().union(*(_help_flags(c) for c in ("export", "verify", "eval", "bench", "doctor", "triton-repo", "serve")))
     known |= {"--help"}
     named: dict[str, set[str]] = {}
     for src in OWN_SOURCES:
