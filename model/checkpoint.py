@@ -73,7 +73,7 @@ def _looks_like_safetensors(path: Path) -> bool:
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):  # hub blobs have no suffix
+    if path.suffix == ".safetensors" or (not path.suffix and _looks_like_safetensors(path)):  # hub blobs: no suffix
         return _safetensors_load(path)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
