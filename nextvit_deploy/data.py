@@ -146,17 +146,18 @@ class _Unusable(Exception):
     pass
 
 
-def _folder_files(directory: str | Path) -> tuple[Path, list[Path], list[Path]]:
+def _folder_files(directory: str | Path, flag: str = "--calib-dir") -> tuple[Path, list[Path], list[Path]]:
     d = Path(directory)
+    what = "calibration folder" if flag == "--calib-dir" else f"{flag} folder"
     if not d.is_dir():
-        raise BadInput(f"calibration folder {d} does not exist: pass a folder of .jpg/.png images with --calib-dir")
+        raise BadInput(f"{what} {d} does not exist: pass a folder of .jpg/.png images with {flag}")
     files = sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:
         extra = f" (it holds {len(others)} non-image files such as {others[0].name})" if others else ""
-        raise BadInput(f"calibration folder {d} has no images{extra}: add at least {RECOMMENDED_CALIB_IMAGES} "
-                       f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files")
+        want = f"at least {RECOMMENDED_CALIB_IMAGES} " if flag == "--calib-dir" else ""
+        raise BadInput(f"{what} {d} has no images{extra}: add {want}{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files")
     return d, images, others
 
 
@@ -223,6 +224,7 @@ class ImageStream:
     size: tuple[int, int]
     limit: int | None = None
     crop_pct: float = 0.95
+    interpolation: str = "bicubic"
     skipped: list[Skipped] = field(default_factory=list)
     used: list[Path] = field(default_factory=list)
 
@@ -237,7 +239,7 @@ class ImageStream:
                 self.skipped.append(Skipped(f, str(exc)))
                 continue
             self.used.append(f)
-            yield preprocess_pil(image, self.size, crop_pct=self.crop_pct), f
+            yield preprocess_pil(image, self.size, crop_pct=self.crop_pct, interpolation=self.interpolation), f
 
     def batches(self, batch: int) -> Iterator[np.ndarray]:
         """One pass as float32 NCHW arrays of ``batch`` images (the last one may be smaller)."""
@@ -261,7 +263,7 @@ class ImageStream:
 
 
 def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: int | None = None,
-                   crop_pct: float = 0.95) -> ImageStream:
+                   crop_pct: float = 0.95, interpolation: str = "bicubic", flag: str = "--calib-dir") -> ImageStream:
     """Stream the images of ``directory`` (sorted, recursive) one at a time, so memory stays at one image.
 
     Args:
@@ -269,6 +271,8 @@ def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: i
         size: output ``(height, width)`` or a side, in pixels.
         limit: stop after this many usable images. Defaults to all.
         crop_pct: centre-crop fraction of the variant's preprocessing. Defaults to 0.95.
+        interpolation: resize filter of the variant's preprocessing. Defaults to bicubic.
+        flag: the option that named the folder, for error messages.
 
     Returns:
         An :class:`ImageStream`; iterate it, then read ``.skipped`` (files not used, with reasons).
@@ -278,8 +282,9 @@ def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: i
     """
     if limit is not None and limit <= 0:
         raise BadInput(f"--calib-images must be at least 1, got {limit}")
-    d, images, _ = _folder_files(directory)
-    return ImageStream(directory=d, files=images, size=_to_size(size), limit=limit, crop_pct=crop_pct)
+    d, images, _ = _folder_files(directory, flag)
+    return ImageStream(directory=d, files=images, size=_to_size(size), limit=limit, crop_pct=crop_pct,
+                       interpolation=interpolation)
 
 
 def _no_usable(d: Path, skipped: list[Skipped]) -> BadInput:
