@@ -89,7 +89,8 @@ def export_all(checkpoint: Path, out: Path, calib_dir: Path, keys: tuple[str, ..
     for key in keys:
         fields = ARTIFACTS[key][1]
         int8 = fields["precision"] == "int8"
-        req = ExportRequest(**fields, image_size=(digits.IMAGE_SIZE, digits.IMAGE_SIZE), batch=(1, BATCH, 64),
+        batch = (BATCH,) * 3 if fields["target"] == "coreml" else (1, BATCH, 64)  # Core ML: a fixed batch
+        req = ExportRequest(**fields, image_size=(digits.IMAGE_SIZE, digits.IMAGE_SIZE), batch=batch,
                             opset=19, out_dir=out / key, checkpoint=checkpoint, depths=digits.DEPTHS,
                             calib_dir=calib_dir if int8 else None, calib_images=256, simplify=False)
         log(f"export {key}")
