@@ -9,7 +9,7 @@ Layouts recognised:
   official keys plus ``extra_norm_list.S.*`` (the per-stage output norms); other keys (neck, heads) are
   ignored.
 
-Checkpoints are untrusted input: ``torch.load(..., weights_only=True)`` only.
+Checkpoints are untrusted input: ``torch.load(..., weights_only=True)`` only, or ``.safetensors`` (no pickle).
 """
 from __future__ import annotations
 
@@ -48,9 +48,33 @@ class LoadedCheckpoint:
     has_out_norms: bool
 
 
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file: tensors only by construction (no pickle), so nothing to refuse but corruption."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"checkpoint {path} is a .safetensors file but safetensors is not installed: "
+                              "pip install safetensors") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file ({type(exc).__name__}); "
+                              "re-download it") from None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header (torch files start PK or 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    if path.suffix == ".safetensors" or (not path.suffix and _looks_like_safetensors(path)):  # hub blobs: no suffix
+        return _safetensors_load(path)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")

@@ -226,6 +226,7 @@ class Artifact:
     sha256: str
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
+    checkpoint_hub: dict[str, str] | None = None  # hf-hub checkpoints: repo_id, revision (commit), filename
     seed: int | None = None
     depths: tuple[int, int, int, int] | None = None  # only for non-standard (test) depths
     num_classes: int = 1000

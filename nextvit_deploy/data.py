@@ -1,14 +1,13 @@
 """Real images and the model's preprocessing.
 
 Photos come from ``skimage.data`` (they ship inside scikit-image, nothing is downloaded). Preprocessing
-follows the variant's config (timm ``nextvit_*.bd_in1k``): resize the shorter side to
-``size / crop_pct`` with bicubic interpolation, centre-crop to ``size``, scale to [0, 1], then normalise
-with the ImageNet mean/std. Images are handled as float32 NCHW in [0, 1] until the last step, so the
+is :mod:`nextvit_deploy.preprocess`: timm's eval transform of the variant (resize the shorter side to
+``size / crop_pct``, centre-crop to ``size``, scale to [0, 1], then normalise with the mean/std), with
+timm's and torchvision's rounding. Images are handled as float32 NCHW in [0, 1] until the last step, so the
 same pixels can feed a runner that normalises inside the model (CoreML image input) or outside.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
+from .preprocess import MAX_ASPECT, preprocess_pil, to_rgb
 
 __all__ = [
     "SKIMAGE_PHOTOS",
@@ -42,7 +42,6 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field
                   "colorwheel", "camera", "coins", "brick", "grass", "gravel")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 64_000_000  # 8000x8000: anything larger is refused before decoding (decompression bombs)
-MAX_ASPECT = 20.0  # a 60000x1 strip is not a photo; centre-cropping it would allocate a huge resize
 RECOMMENDED_CALIB_IMAGES = 32
 # Calibration photos, disjoint from SKIMAGE_PHOTOS (which `verify` gates on): scikit-learn's two sample
 # photos and the scikit-image photos that `verify` does not use ("cat" is "chelsea" again, so it is left out).
@@ -56,22 +55,6 @@ CALIBRATION_VIEWS = ((None, None, 1.0, False), (None, None, 1.0, True), (0.0, 0.
 
 def _to_size(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def preprocess_pil(image, size: int | Sequence[int], *, crop_pct: float = 0.95) -> np.ndarray:
-    """PIL image -> float32 CHW in [0, 1]: bicubic resize of the shorter side, then centre crop."""
-    from PIL import Image
-
-    h, w = _to_size(size)
-    image = image.convert("RGB")
-    scale_to = (math.floor(h / crop_pct), math.floor(w / crop_pct))
-    iw, ih = image.size
-    ratio = max(scale_to[0] / ih, scale_to[1] / iw)
-    new_w, new_h = max(w, round(iw * ratio)), max(h, round(ih * ratio))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - w) // 2, (new_h - h) // 2
-    image = image.crop((left, top, left + w, top + h))
-    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
 def photos(count: int, size: int | Sequence[int], *, crop_pct: float = 0.95, offset: int = 0) -> np.ndarray:
@@ -163,17 +146,18 @@ class _Unusable(Exception):
     pass
 
 
-def _folder_files(directory: str | Path) -> tuple[Path, list[Path], list[Path]]:
+def _folder_files(directory: str | Path, flag: str = "--calib-dir") -> tuple[Path, list[Path], list[Path]]:
     d = Path(directory)
+    what = "calibration folder" if flag == "--calib-dir" else f"{flag} folder"
     if not d.is_dir():
-        raise BadInput(f"calibration folder {d} does not exist: pass a folder of .jpg/.png images with --calib-dir")
+        raise BadInput(f"{what} {d} does not exist: pass a folder of .jpg/.png images with {flag}")
     files = sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:
         extra = f" (it holds {len(others)} non-image files such as {others[0].name})" if others else ""
-        raise BadInput(f"calibration folder {d} has no images{extra}: add at least {RECOMMENDED_CALIB_IMAGES} "
-                       f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files")
+        want = f"at least {RECOMMENDED_CALIB_IMAGES} " if flag == "--calib-dir" else ""
+        raise BadInput(f"{what} {d} has no images{extra}: add {want}{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files")
     return d, images, others
 
 
@@ -201,33 +185,6 @@ def _open_checked(path: Path):
     return im
 
 
-def _to_rgb8(im):
-    """Any PIL mode -> 8-bit RGB: 16/32-bit grey scaled (not clipped), alpha composited on white."""
-    from PIL import Image
-
-    mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16"):
-            top = 65535.0
-        elif mode == "F":
-            top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
-        else:  # 32-bit integer grey: PIL's mode for 16-bit PNGs in some versions
-            peak = float(arr.max()) if arr.size else 0.0
-            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(2**32 - 1)
-        grey = np.clip(np.rint(np.nan_to_num(arr) / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    elif mode == "PA":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
 def open_rgb(path: str | Path):
     """Decode an image file to an 8-bit RGB PIL image (first frame of an animation).
 
@@ -247,7 +204,7 @@ def _decode(path: Path):
         with im:
             im.seek(0)
             im.load()
-            return _to_rgb8(im)
+            return to_rgb(im)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise _Unusable(f"cannot be read ({type(exc).__name__})") from None
 
@@ -267,6 +224,7 @@ class ImageStream:
     size: tuple[int, int]
     limit: int | None = None
     crop_pct: float = 0.95
+    interpolation: str = "bicubic"
     skipped: list[Skipped] = field(default_factory=list)
     used: list[Path] = field(default_factory=list)
 
@@ -281,7 +239,7 @@ class ImageStream:
                 self.skipped.append(Skipped(f, str(exc)))
                 continue
             self.used.append(f)
-            yield preprocess_pil(image, self.size, crop_pct=self.crop_pct), f
+            yield preprocess_pil(image, self.size, crop_pct=self.crop_pct, interpolation=self.interpolation), f
 
     def batches(self, batch: int) -> Iterator[np.ndarray]:
         """One pass as float32 NCHW arrays of ``batch`` images (the last one may be smaller)."""
@@ -305,7 +263,7 @@ class ImageStream:
 
 
 def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: int | None = None,
-                   crop_pct: float = 0.95) -> ImageStream:
+                   crop_pct: float = 0.95, interpolation: str = "bicubic", flag: str = "--calib-dir") -> ImageStream:
     """Stream the images of ``directory`` (sorted, recursive) one at a time, so memory stays at one image.
 
     Args:
@@ -313,6 +271,8 @@ def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: i
         size: output ``(height, width)`` or a side, in pixels.
         limit: stop after this many usable images. Defaults to all.
         crop_pct: centre-crop fraction of the variant's preprocessing. Defaults to 0.95.
+        interpolation: resize filter of the variant's preprocessing. Defaults to bicubic.
+        flag: the option that named the folder, for error messages.
 
     Returns:
         An :class:`ImageStream`; iterate it, then read ``.skipped`` (files not used, with reasons).
@@ -322,8 +282,9 @@ def iter_image_dir(directory: str | Path, size: int | Sequence[int], *, limit: i
     """
     if limit is not None and limit <= 0:
         raise BadInput(f"--calib-images must be at least 1, got {limit}")
-    d, images, _ = _folder_files(directory)
-    return ImageStream(directory=d, files=images, size=_to_size(size), limit=limit, crop_pct=crop_pct)
+    d, images, _ = _folder_files(directory, flag)
+    return ImageStream(directory=d, files=images, size=_to_size(size), limit=limit, crop_pct=crop_pct,
+                       interpolation=interpolation)
 
 
 def _no_usable(d: Path, skipped: list[Skipped]) -> BadInput:

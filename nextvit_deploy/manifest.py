@@ -136,6 +136,10 @@ def validate_fields(raw: Mapping[str, Any], where: Path) -> None:
     sha = raw.get("checkpoint_sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA.match(sha)):
         raise bad("checkpoint_sha256", "is not a sha256 hex digest")
+    hub = raw.get("checkpoint_hub")
+    if hub is not None and (not isinstance(hub, dict) or not all(
+            isinstance(hub.get(k), str) and hub[k] for k in ("repo_id", "revision", "filename"))):
+        raise bad("checkpoint_hub", f"{hub!r} is not {{repo_id, revision, filename}}")
     if not isinstance(raw.get("created_utc", ""), str):
         raise bad("created_utc", f"{raw.get('created_utc')!r} is not a timestamp")
     interp = pre.get("interpolation", "bicubic")

@@ -31,7 +31,8 @@ class Tolerance:
     min_top5: float | None = None
     source: str = ""
     # Input cases (by name prefix) that gate; the others are measured and reported only.
-    gated_cases: tuple[str, ...] = ("photos", "noise")
+    # "inputs" is the user's own folder (verify --inputs DIR), in-distribution like the photos.
+    gated_cases: tuple[str, ...] = ("photos", "noise", "inputs")
 
 
 TOLERANCES: dict[str, Tolerance] = {
@@ -45,7 +46,7 @@ TOLERANCES: dict[str, Tolerance] = {
     # here only guards against a broken graph (collapse shows as cosine << 0.98).
     # Only photos gate: uniform noise drives activations past the ranges calibrated on photos, where
     # clipping is the designed behaviour of post-training quantization (its numbers are still reported).
-    "int8": Tolerance(atol=0.0, rtol=0.5, min_cosine=0.98, min_top5=None, gated_cases=("photos",),
+    "int8": Tolerance(atol=0.0, rtol=0.5, min_cosine=0.98, min_top5=None, gated_cases=("photos", "inputs"),
                       source="issue #3: INT8 graph sanity on in-distribution photos (accuracy gated on the "
                              "trained model)"),
 }

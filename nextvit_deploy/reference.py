@@ -76,15 +76,21 @@ def random_model(variant: str, *, seed: int = 0, features_only: bool = False,
 
 def reference_model(artifact: Artifact) -> nn.Module:
     """Rebuild the unfused PyTorch model an artifact was exported from (eval mode)."""
-    if artifact.checkpoint is not None:
-        ckpt = Path(artifact.checkpoint)
+    checkpoint = artifact.checkpoint
+    if artifact.checkpoint_hub is not None:  # the same commit and file again (cache moved, another machine)
+        from .hub import rebuild_path
+
+        checkpoint = str(rebuild_path(artifact.checkpoint_hub, recorded=artifact.checkpoint,
+                                      sha256=artifact.checkpoint_sha256, artifact=artifact.path.name))
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
         if not ckpt.is_file():
             raise CheckpointMismatch(
                 f"checkpoint {ckpt} named in the manifest of {artifact.path.name} is gone: restore it to verify")
         if artifact.checkpoint_sha256 and sha256_path(ckpt) != artifact.checkpoint_sha256:
             raise CheckpointMismatch(
                 f"checkpoint {ckpt} changed since {artifact.path.name} was exported (sha256 differs): re-export")
-    return build_model(artifact.variant, checkpoint=artifact.checkpoint, seed=artifact.seed,
+    return build_model(artifact.variant, checkpoint=checkpoint, seed=artifact.seed,
                        features_only=artifact.features_only, depths=artifact.depths,
                        num_classes=artifact.num_classes)
 

@@ -15,6 +15,7 @@ import numpy as np
 from .artifact import Artifact
 from .backends.torch import TorchRunner
 from .data import noise_images, normalize, photos
+from .errors import BadInput
 from .parity import ParityReport, Tolerance, compare_outputs, tolerance_for
 from .reference import reference_model
 from .targets import runner_for
@@ -22,6 +23,7 @@ from .targets import runner_for
 __all__ = ["verify", "verify_artifact", "load_artifact", "candidate_input", "parity_cases"]
 
 Progress = Callable[[str], None]
+MAX_INPUT_IMAGES = 256  # verify --inputs compares at most this many (eval streams any number)
 
 
 def candidate_input(images01: np.ndarray, artifact: Artifact) -> np.ndarray:
@@ -29,6 +31,26 @@ def candidate_input(images01: np.ndarray, artifact: Artifact) -> np.ndarray:
     if artifact.preprocessing.get("input_kind") == "image":
         return (images01 * 255.0).astype(np.float32)
     return normalize(images01, artifact.preprocessing["mean"], artifact.preprocessing["std"])
+
+
+def user_input_cases(artifact: Artifact, inputs: str | Path, batch: int) -> tuple[list[tuple[str, np.ndarray]], str]:
+    """The first :data:`MAX_INPUT_IMAGES` images of ``inputs`` (sorted, recursive) as cases of ``batch``
+    images, the last one padded to the artifact's smallest batch by repeating its last image; and the
+    one-line summary (unreadable files skipped)."""
+    from .data import iter_image_dir
+
+    pre = artifact.preprocessing
+    stream = iter_image_dir(inputs, artifact.image_size, limit=MAX_INPUT_IMAGES, crop_pct=pre.get("crop_pct", 0.95),
+                            interpolation=pre.get("interpolation", "bicubic"), flag="--inputs")
+    lo = artifact.batch[0]
+    cases = []
+    for i, chunk in enumerate(stream.batches(batch)):
+        if chunk.shape[0] < lo:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], lo - chunk.shape[0], axis=0)])
+        cases.append((f"inputs #{i + 1} x{chunk.shape[0]}", chunk))
+    if not cases:
+        raise BadInput(f"--inputs {inputs} has no usable image ({stream.summary()}): add .jpg/.png images")
+    return cases, stream.summary()
 
 
 def parity_cases(artifact: Artifact, *, max_batch: int | None = None) -> list[tuple[str, np.ndarray]]:
@@ -45,23 +67,34 @@ def parity_cases(artifact: Artifact, *, max_batch: int | None = None) -> list[tu
 
 
 def verify_artifact(artifact: Artifact, *, tolerance: Tolerance | None = None, max_batch: int | None = None,
-                    runner_options: dict | None = None, progress: Progress | None = None) -> ParityReport:
-    """Compare ``artifact`` against its PyTorch fp32 reference. Returns a report; never raises on mismatch."""
+                    runner_options: dict | None = None, progress: Progress | None = None,
+                    inputs: str | Path | None = None) -> ParityReport:
+    """Compare ``artifact`` against its PyTorch fp32 reference. Returns a report; never raises on mismatch.
+
+    ``inputs``: a folder of the user's own images, an extra case gated like the photos (unreadable files
+    are skipped and named in the notes).
+    """
     say = progress or (lambda _m: None)
     tol = tolerance or tolerance_for(artifact.precision)
+    cases = parity_cases(artifact, max_batch=max_batch)
+    notes = []
+    if inputs is not None:
+        hi = artifact.batch[2]
+        extra, summary = user_input_cases(artifact, inputs, min(hi, max_batch) if max_batch else hi)
+        cases += extra
+        notes.append(f"--inputs: {summary}")
     say("rebuilding the PyTorch reference from the manifest")
     reference = TorchRunner(reference_model(artifact), output_names=artifact.output_names,
                             name=f"TorchRunner({artifact.variant}, fp32)")
     candidate = runner_for(artifact, **(runner_options or {}))
     results = []
     with reference, candidate:
-        for case, images in parity_cases(artifact, max_batch=max_batch):
+        for case, images in cases:
             say(f"running {case}")
             ref = reference.infer({"input": normalize(images, artifact.preprocessing["mean"],
                                                       artifact.preprocessing["std"])})
             cand = candidate.infer({artifact.input_name: candidate_input(images, artifact)})
             results.append(compare_outputs(ref, cand, tolerance=tol, case=case))
-    notes = []
     if artifact.seed is not None:
         notes.append(f"random weights (seed {artifact.seed}) with realistic BatchNorm statistics; "
                      "top-1 is not gated (near-tied logits)")

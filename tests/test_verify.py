@@ -127,3 +127,22 @@ def test_default_calibration_images_are_disjoint_from_verify_photos():
     cs = calibration_set(image_size=(32, 32), calib_dir=None, calib_images=500, crop_pct=0.95, mean=(0.5,) * 3,
                          std=(0.5,) * 3)
     assert cs.feeds.shape[0] == 64 and "verify does not use" in cs.source
+
+
+def test_verify_inputs_folder_is_an_extra_gated_case(small_onnx, tmp_path):
+    from PIL import Image
+
+    from nextvit_deploy.errors import BadInput
+
+    rng = np.random.default_rng(3)
+    for i in range(4):  # 4 images at max batch 3: a full case and a padded one
+        Image.fromarray(rng.integers(0, 256, (200 + 10 * i, 300, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    report = verify(small_onnx.path, inputs=tmp_path)
+    inputs = [c for c in report.cases if c.case.startswith("inputs")]
+    assert [c.case for c in inputs] == ["inputs #1 x3", "inputs #2 x1"]
+    assert all(c.gated for c in inputs) and report.passed
+    assert any("4 images used" in n and "1 skipped (bad.jpg" in n for n in report.notes)
+    assert "inputs" in TOLERANCES["int8"].gated_cases
+    with pytest.raises(BadInput, match="--inputs folder .* does not exist: pass a folder of .jpg/.png images with --inputs"):
+        verify(small_onnx.path, inputs=tmp_path / "nope")

@@ -16,6 +16,8 @@ from typer.core import TyperGroup
 from .bench import EXAMPLES as BENCH_EXAMPLES
 from .bench import bench
 from .doctor import doctor_cmd
+from .eval import EXAMPLES as EVAL_EXAMPLES
+from .eval import eval_cmd
 from .export import EXAMPLES as EXPORT_EXAMPLES
 from .export import export_cmd
 from .serve import EXAMPLES as SERVE_EXAMPLES
@@ -72,6 +74,7 @@ app = typer.Typer(
 )
 app.command("export", epilog=EXPORT_EXAMPLES)(export_cmd)
 app.command("verify")(verify_cmd)
+app.command("eval", epilog=EVAL_EXAMPLES)(eval_cmd)
 app.command("doctor")(doctor_cmd)
 app.command("bench", epilog=BENCH_EXAMPLES)(bench)
 app.command("triton-repo", epilog=TRITON_REPO_EXAMPLES)(triton_repo_cmd)

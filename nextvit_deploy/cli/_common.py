@@ -36,7 +36,8 @@ VariantOpt = Annotated[str, typer.Option("--variant", "-m", help="nextvit_small|
 ImageSizeOpt = Annotated[str, typer.Option("--image-size", "-s", help="224 or HEIGHTxWIDTH, e.g. 256x320.")]
 BatchOpt = Annotated[str, typer.Option("--batch", "-b", help="Static batch (8) or dynamic range min:max / min:opt:max.")]
 CheckpointOpt = Annotated[Path | None, typer.Option(
-    "--checkpoint", "-c", help="Official, detection/segmentation or timm checkpoint. Default: random weights.")]
+    "--checkpoint", "-c", help="Official, detection/segmentation or timm checkpoint (.pth/.bin/.safetensors), or "
+                               "hf-hub:ORG/NAME[@REV], e.g. hf-hub:timm/nextvit_small.bd_in1k. Default: random weights.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON to this path.")]
 
 

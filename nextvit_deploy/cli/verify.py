@@ -14,6 +14,8 @@ def verify_cmd(
     artifact: Annotated[Path, typer.Argument(help="Exported file (.onnx, .engine, .mlpackage) with its manifest.")],
     json_path: JsonOpt = None,
     max_batch: Annotated[int | None, typer.Option(help="Cap the largest batch compared.")] = None,
+    inputs: Annotated[Path | None, typer.Option(
+        "--inputs", help="Also compare on your own images (a folder, gated like the photos).")] = None,
 ) -> None:
     """Run the artifact and its PyTorch reference on real photos and noise; gate on cosine and max abs."""
     from ..artifact import check_output_file
@@ -26,7 +28,7 @@ def verify_cmd(
     if json_path is not None:
         check_output_file(json_path)
     with progress_status(f"verifying {artifact.name}") as say:
-        report = verify(artifact, max_batch=max_batch, progress=say)
+        report = verify(artifact, max_batch=max_batch, progress=say, inputs=inputs)
     out.print(parity_table(report))
     for note in report.notes:
         out.print(f"note: {note}", highlight=False)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..artifact import Artifact, check_creatable_dir
 from ..errors import BadInput
+from ..hub import is_hub_spec, resolve_hub_file
 from ..targets import artifact_name, check_precision, load_object
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ class ExportRequest:
     batch: tuple[int, int, int] = (1, 1, 1)
     opset: int = 17
     out_dir: Path = Path("build")
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # a file, or hf-hub:ORG/NAME[@REVISION] (validate_request resolves it)
+    checkpoint_hub: dict[str, str] | None = None  # repo_id, revision (commit), filename of a hub checkpoint
     seed: int = 0  # random weights (with realistic BatchNorm statistics) when there is no checkpoint
     features_only: bool = False
     simplify: bool = True
@@ -254,6 +256,9 @@ def validate_request(req: ExportRequest) -> ExportRequest:
         from ..data import scan_image_dir
 
         scan_image_dir(req.calib_dir, limit=req.calib_images)
+    if is_hub_spec(req.checkpoint):
+        found = resolve_hub_file(str(req.checkpoint))
+        req = dataclasses.replace(req, checkpoint=found.path, checkpoint_hub=found.record())
     num_classes, source = req.num_classes, req.checkpoint_source
     if req.checkpoint is not None and (source is None or source.path != Path(req.checkpoint)):
         source = _read_checkpoint(Path(req.checkpoint), cfg.name)

@@ -31,7 +31,7 @@ def artifact_record(req: ExportRequest, path: Path, *, details: dict[str, Any], 
         features_only=req.features_only, input_name="input", output_names=output_names_for(req.features_only),
         preprocessing=preprocessing_for(req.variant, input_kind=req.input_kind), sha256=sha256_path(path),
         checkpoint=str(Path(req.checkpoint).resolve()) if req.checkpoint else None,
-        checkpoint_sha256=req.checkpoint_sha256,
+        checkpoint_sha256=req.checkpoint_sha256, checkpoint_hub=req.checkpoint_hub,
         seed=None if req.checkpoint else req.seed, depths=req.depths, opset=req.opset,
         num_classes=req.num_classes or 1000,
         versions=tool_versions("onnxsim", "onnxslim", *extra_versions), details=details)
