@@ -35,11 +35,11 @@ import numpy as np
 from .._deps import require
 from ..artifact import MANIFEST_SUFFIX, Artifact, atomic_path, atomic_write_text, manifest_path, sha256_path, utc_now
 from ..errors import ArtifactError, BadInput, DeployError, MissingDependency
-from .base import Runner, TensorSpec
+from .base import Availability, Runner, TensorSpec
 
 __all__ = ["SIDECAR_SUFFIX", "EngineMismatch", "EngineBuildError", "sidecar_path", "current_environment",
            "check_engine_environment", "graph_precision", "BuildOptions", "build_engine", "TrtRunner",
-           "runner_for_artifact", "engine_artifact", "trt_major", "trtexec_command", "cuda_index"]
+           "runner_for_artifact", "engine_artifact", "trt_major", "trtexec_command", "cuda_index", "availability"]
 
 SIDECAR_SUFFIX = ".build.json"
 
@@ -519,3 +519,23 @@ def trtexec_command(onnx_path: str | Path, engine_path: str | Path, *, precision
         parts.append(f"--device={cuda_index(device)}")
     parts += list(flags)
     return " ".join(str(p) for p in parts)
+
+
+def availability(precision: str = "fp32") -> Availability:
+    """TensorRT here: installed, importable (the PyPI stubs fail at import) and a CUDA GPU visible."""
+    from importlib import metadata
+
+    from .._deps import INSTALL_HINTS, available
+
+    if not available("tensorrt"):
+        return Availability("tensorrt", False, f"tensorrt is not installed: {INSTALL_HINTS['tensorrt']}")
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the stub packages raise anything at import time
+        return Availability("tensorrt", False, f"tensorrt import fails ({type(exc).__name__}); "
+                            f"{INSTALL_HINTS['tensorrt']}")
+    cuda = _cuda()
+    if not cuda.device_count():
+        return Availability("tensorrt", False, "TensorRT needs a CUDA GPU (this machine has none)",
+                            metadata.version("tensorrt"))
+    return Availability("tensorrt", True, "", metadata.version("tensorrt"), f"cuda:0 ({cuda.describe(0)[0]})")
