@@ -63,23 +63,31 @@ def _feed(runner: Any, batch: int, default_batch: int) -> dict[str, np.ndarray]:
     return feed
 
 
-def _complexity(artifact: Any, batch: int) -> tuple[float | None, list[tuple[int, int, int]]]:
-    """MACs per image and the largest GEMMs of the model the artifact came from (random weights: only shapes count)."""
+def _complexity(artifact: Any, batch: int, cache: dict[tuple[Any, ...], Any]) -> tuple[float | None,
+                                                                                    list[tuple[int, int, int]]]:
+    """MACs per image and the largest GEMMs of the model the artifact came from (untrained weights: only
+    shapes count), counted once per distinct architecture and input."""
+    from nextvit_model import create_model
+
     from ..flops import count_macs
-    from ..reference import build_model
     from .models import largest_gemms
 
     size = tuple(artifact.input_shape[2:])
-    model = build_model(artifact.variant, seed=0, features_only=artifact.features_only, depths=artifact.depths,
-                        num_classes=artifact.num_classes)
-    return float(count_macs(model, size).macs), largest_gemms(model, size, batch)
+    key = (artifact.variant, artifact.depths, artifact.features_only, artifact.num_classes, size, batch)
+    if key not in cache:
+        model = create_model(artifact.variant, features_only=artifact.features_only, depths=artifact.depths,
+                             num_classes=artifact.num_classes).eval()
+        cache[key] = (float(count_macs(model, size).macs), largest_gemms(model, size, batch))
+    return cache[key]
 
 
 def bench_artifacts(paths: Sequence[str | Path], *, baseline: str | Path | None = None, batch: int | None = None,
                     warmup: int = 1, iters: int = 20, rounds: int = 5, duration_s: float | None = 5.0,
-                    threads: int | None = None, progress: BenchProgress | None = None) -> BenchReport:
+                    threads: int | None = None, progress: BenchProgress | None = None,
+                    peak_squares: tuple[int, ...] | None = None) -> BenchReport:
     """Time the exported artifacts at ``paths`` in interleaved rounds; ratios against ``baseline`` (a path
-    among ``paths`` or its file name; defaults to the first)."""
+    among ``paths`` or its file name; defaults to the first). ``peak_squares``: sides of the square GEMMs of
+    the peak sweep (beside the model's own largest GEMMs); defaults to ``peaks.CPU_SQUARES`` / ``GPU_SQUARES``."""
     from ..artifact import Artifact
     from ..targets import runner_for
 
@@ -113,11 +121,12 @@ def bench_artifacts(paths: Sequence[str | Path], *, baseline: str | Path | None 
 
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nextvit-bench-")))
         prepared = []
+        counted: dict[tuple[Any, ...], Any] = {}
         for display, art in zip(displays, artifacts):
             progress.step(f"{display}: opening")
             runner = stack.enter_context(runner_for(art, threads=threads_used))
             feed = _feed(runner, batch or 0, art.batch[1])
-            macs, gemms = _complexity(art, next(iter(feed.values())).shape[0])
+            macs, gemms = _complexity(art, next(iter(feed.values())).shape[0], counted)
             prepared.append(_Prepared(display, art, artifact_backend(art, runner), runner.device,
                                       Timed(display, runner, feed), macs, gemms))
             progress.step(display, advance=1)
@@ -127,7 +136,7 @@ def bench_artifacts(paths: Sequence[str | Path], *, baseline: str | Path | None 
             if p.backend in PEAK_BACKENDS and key not in peak_sets:
                 status = Availability(p.backend, True, device=p.device)
                 gemms = sorted({g for q in prepared for g in q.gemms}, key=lambda s: -s[0] * s[1] * s[2])[:2]
-                shapes = gemm_sweep(p.device.startswith("cuda"), gemms)
+                shapes = gemm_sweep(p.device.startswith("cuda"), gemms, squares=peak_squares)
                 try:
                     items = prepare_peaks(p.backend, status, key[1], shapes, threads=threads_used, tmp=tmp, stack=stack)
                 except Exception as exc:  # noqa: BLE001 - no peak: the fraction stays empty

@@ -24,9 +24,11 @@ PEAK_BACKENDS = ("torch", "torch-cudagraph", "onnxruntime")  # TensorRT / Core M
 UNDER_MEASURED = "peak under-measured"
 
 
-def gemm_sweep(on_gpu: bool, model_gemms: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """The (M, K, N) shapes timed for a peak: squares plus the model's largest GEMMs, without repeats."""
-    squares = [(n, n, n) for n in (GPU_SQUARES if on_gpu else CPU_SQUARES)]
+def gemm_sweep(on_gpu: bool, model_gemms: list[tuple[int, int, int]], *,
+               squares: tuple[int, ...] | None = None) -> list[tuple[int, int, int]]:
+    """The (M, K, N) shapes timed for a peak: squares (default :data:`CPU_SQUARES` / :data:`GPU_SQUARES`) plus
+    the model's largest GEMMs, without repeats."""
+    squares = [(n, n, n) for n in (squares or (GPU_SQUARES if on_gpu else CPU_SQUARES))]
     return list(dict.fromkeys(squares + list(model_gemms)))
 
 
