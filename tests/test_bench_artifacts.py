@@ -135,3 +135,28 @@ def test_cli_bench_artifacts(two_artifacts, tmp_path):
         assert res.exit_code == 2 and fragment in res.output and "Traceback" not in res.output, res.output
     res = CliRunner().invoke(app, ["bench", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+@needs_ort
+@pytest.mark.slow
+def test_int8_artifact_records_weight_bits_and_meets_the_int8_peak(two_artifacts, tmp_path):
+    from nextvit_deploy.artifact import Artifact
+    from nextvit_deploy.export import ExportRequest, export
+
+    art = export(ExportRequest(precision="int8", image_size=(64, 64), depths=SMALL, out_dir=tmp_path, seed=1,
+                               batch=(2, 2, 2), simplify=False, calib_images=3, int8_weight_bits=7))
+    bits = Artifact.load(art.path).details["precision_transform"]["weight_bits"]
+    assert bits == {"bits": 7, "source": "requested"}
+    report = bench_artifacts([two_artifacts[0], art.path], iters=2, rounds=2, warmup=0, duration_s=None, threads=1,
+                             peak_squares=(128,))
+    assert {p.precision for p in report.peaks} == {"fp32", "int8"}
+    assert [r.latency.precision for r in report.rows] == ["fp32", "int8"]
+
+
+def test_int8_weight_bits_flag_is_checked(tmp_path):
+    from nextvit_deploy.cli import app
+
+    for args, fragment in ((["--int8-weight-bits", "8"], "applies only to --target onnx --precision int8"),
+                           (["--precision", "int8", "--int8-weight-bits", "6"], "must be 7 or 8")):
+        res = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path)])
+        assert res.exit_code == 2 and fragment in res.output, res.output
