@@ -160,3 +160,20 @@ def test_int8_weight_bits_flag_is_checked(tmp_path):
                            (["--precision", "int8", "--int8-weight-bits", "6"], "must be 7 or 8")):
         res = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path)])
         assert res.exit_code == 2 and fragment in res.output, res.output
+
+
+@needs_ort
+@pytest.mark.slow
+def test_default_table_int8_rows_through_the_export_transform():
+    from nextvit_deploy.bench import BenchConfig, bench
+
+    cfg = BenchConfig(models=("nextvit_small",), backends=("onnxruntime",), batch=1, image_size=(64, 64), warmup=0,
+                      iters=2, rounds=2, duration_s=None, threads=1, int8=True)
+    report = bench(cfg)
+    assert report and [r.latency.precision for r in report.rows] == ["fp32", "int8"]
+    fp32, int8 = report.rows
+    assert fp32.speedup_vs_fp32 is None and int8.speedup_vs_fp32 == pytest.approx(fp32.median_ms / int8.median_ms)
+    assert int8.ratio_nextvit_s == 1.0  # an int8 row is compared with the int8 reference, not with fp32
+    assert {(p.backend, p.precision) for p in report.peaks} == {("onnxruntime", "fp32"), ("onnxruntime", "int8")}
+    md = render_markdown(json.loads(json.dumps(report.to_dict())))
+    assert "Precision rows" in md and "onnxruntime int8" in md

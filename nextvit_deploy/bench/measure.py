@@ -149,10 +149,13 @@ def _torch_cudagraph(key: str, built: Any, onnx_path: Path, cfg: BenchConfig, st
 def _onnxruntime(key: str, built: Any, onnx_path: Path, cfg: BenchConfig, status: Any, tmp: Path, threads: int,
                  stack: ExitStack) -> Timed:
     from ..backends.onnxrt import OrtRunner
+    from .models import transformed_onnx
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if status.device.startswith("cuda") \
         else ["CPUExecutionProvider"]
-    runner = stack.enter_context(OrtRunner(onnx_path, providers=providers, threads=threads))
+    graph = transformed_onnx(onnx_path, cfg.precision, cfg, tmp / f"{onnx_path.stem}-{cfg.precision}-ort.onnx",
+                             convention="onnxruntime")
+    runner = stack.enter_context(OrtRunner(graph, providers=providers, threads=threads))
     return Timed(key, runner, {"input": _feed(cfg)})
 
 

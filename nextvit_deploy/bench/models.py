@@ -13,7 +13,7 @@ from .._deps import available, require
 from ..errors import BadInput
 from .types import BenchConfig
 
-__all__ = ["resolve_models", "build_bench_model", "export_bench_onnx", "trt_ready_onnx", "largest_gemms",
+__all__ = ["resolve_models", "build_bench_model", "export_bench_onnx", "trt_ready_onnx", "transformed_onnx", "largest_gemms",
            "is_nextvit"]
 
 
@@ -163,6 +163,25 @@ def export_bench_onnx(built: _Built, cfg: BenchConfig, path: Path, *, simplify: 
 
 
 TRT_CALIBRATION_IMAGES = 16  # fp16 rows: images that measure activation ranges (the export default is 64)
+
+
+def transformed_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path, *, convention: str) -> Path:
+    """The bench ONNX in ``precision`` through ``export``'s precision transform (``transform_graph``), in the
+    backend's ``convention`` (``"onnxruntime"``: U8S8 QDQ, weight bits from this CPU; ``"tensorrt"``),
+    calibrated on the bundled calibration photos (never the images verify or the accuracy benchmark use)."""
+    if precision == "fp32":
+        return onnx_path
+    import onnx
+
+    from nextvit_model import IMAGENET_MEAN, IMAGENET_STD
+
+    from ..data import calibration_photos, normalize
+    from ..export.transform import transform_graph
+
+    calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), IMAGENET_MEAN, IMAGENET_STD)
+    model, _ = transform_graph(onnx.load(str(onnx_path)), precision, calib, convention=convention)  # type: ignore[arg-type]
+    onnx.save(model, str(out))
+    return out
 
 
 def trt_ready_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path) -> Path:

@@ -8,7 +8,7 @@ from .. import published
 from .measure import spread_of
 from .types import SPREAD_WIDE, TIE_BAND, BenchRow
 
-__all__ = ["ordering_flag", "with_ratios", "with_baseline", "wide_spreads"]
+__all__ = ["ordering_flag", "with_ratios", "with_baseline", "with_speedups", "wide_spreads"]
 
 
 def ordering_flag(measured: float | None, paper: float | None, *, tie: float = TIE_BAND) -> str | None:
@@ -53,6 +53,19 @@ def with_baseline(rows: list[BenchRow], baseline: str) -> list[BenchRow]:
                                 spread_baseline=None if r is base else spread_of(list(r.round_medians_ms),
                                                                                   list(base.round_medians_ms)))
             for r in rows]
+
+
+def with_speedups(rows: list[BenchRow], base_precision: str = "fp32") -> list[BenchRow]:
+    """Precision rows: the ``base_precision`` row's median over this row's, same model and backend."""
+    out = []
+    for r in rows:
+        base = next((b for b in rows if b.model == r.model and b.backend == r.backend
+                     and b.latency.precision == base_precision), None)
+        if base is None or base is r or r.latency.precision == base_precision:
+            out.append(r)
+        else:
+            out.append(dataclasses.replace(r, speedup_vs_fp32=base.median_ms / r.median_ms))
+    return out
 
 
 def wide_spreads(rows: list[BenchRow]) -> list[str]:

@@ -23,6 +23,25 @@ def _peak_cell(r: dict[str, Any]) -> str:
     return _fmt(100 * r["peak_fraction"], ".0f") + " %" if r["peak_fraction"] is not None else "–"
 
 
+def _backend(r: dict[str, Any], cfg: dict[str, Any]) -> str:
+    return r["backend"] if r["precision"] == cfg["precision"] else f"{r['backend']} {r['precision']}"
+
+
+def _precision_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
+    """fp32 / int8 per backend: medians, speed-up, fraction of the matching precision's peak."""
+    lines = ["", "Precision rows (each through `export`'s precision transform, in the backend's convention; "
+             "the fraction is of the GEMM peak in the same precision):", "",
+             "| Model | Backend | precision | median ms | speed-up vs " + cfg["precision"] + " | % of its GEMM peak |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["precision"] == cfg["precision"] and not any(
+                o.get("speedup_vs_fp32") for o in rows if o["model"] == r["model"] and o["backend"] == r["backend"]):
+            continue
+        lines.append(f"| {r['display']} | {r['backend']} | {r['precision']} | {_fmt(r['median_ms'], '.1f')} "
+                     f"| {_fmt(r.get('speedup_vs_fp32'), '.2f')} | {_peak_cell(r)} |")
+    return lines
+
+
 def _spread(value: float | None) -> str:
     if value is None:
         return "–"
@@ -106,7 +125,7 @@ def render_markdown(d: dict[str, Any], *, title: str | None = None) -> str:
     for r in rows:
         frac = _peak_cell(r)
         metric = f"{_fmt(r['paper_metric'], '.1f')} {r['metric']}" if r["paper_metric"] is not None else "–"
-        lines.append(f"| {r['display']} | {r['backend']} | {_fmt(r['median_ms'], '.1f')} | {_fmt(r['p90_ms'], '.1f')} "
+        lines.append(f"| {r['display']} | {_backend(r, cfg)} | {_fmt(r['median_ms'], '.1f')} | {_fmt(r['p90_ms'], '.1f')} "
                      f"| {_fmt(r['p99_ms'], '.1f')} | " + (f"{_fmt(r.get('gpu_median_ms'), '.2f')} | " if gpu else "")
                      + f"{r['runs']} | {_fmt(r['throughput_ips'], '.2f')} "
                      f"| {_fmt(r['gmacs'], '.2f')} | {_fmt(r['params_m'], '.1f')} | {_fmt(r['achieved_gflops'], '.1f')} "
@@ -117,13 +136,15 @@ def render_markdown(d: dict[str, Any], *, title: str | None = None) -> str:
               "| Model | Backend | × ResNet-101 | spread | paper × ResNet-101 | ordering | × Next-ViT-S | spread "
               "| paper × Next-ViT-S | ordering |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['display']} | {r['backend']} | {_fmt(r['ratio_resnet101'])} "
+        lines.append(f"| {r['display']} | {_backend(r, cfg)} | {_fmt(r['ratio_resnet101'])} "
                      f"| {_spread(r.get('spread_resnet101'))} "
                      f"| {_fmt(r['paper_ratio_resnet101'])} | {_flag(r['flag_resnet101'])} "
                      f"| {_fmt(r['ratio_nextvit_s'])} | {_spread(r.get('spread_nextvit_s'))} "
                      f"| {_fmt(r['paper_ratio_nextvit_s'])} | {_flag(r['flag_nextvit_s'])} |")
     lines += ["", "`spread`: interquartile range of the per-round ratios over their median (rows are timed in "
               f"{cfg.get('rounds', 1)} interleaved rounds, A, B, C, A, B, C, ...)."]
+    if any(r.get("speedup_vs_fp32") for r in rows):
+        lines += _precision_table(rows, cfg)
     if d.get("peaks"):
         lines += ["", _peaks_line(d["peaks"])]
     skipped = [b for b in d.get("backends", []) if not b["available"]]
@@ -145,7 +166,7 @@ CSV_FIELDS = ("model", "display", "backend", "precision", "batch", "input_shape"
               "achieved_gflops", "peak_fraction", "paper_trt_ms", "paper_coreml_ms", "paper_metric", "metric",
               "paper_status", "ratio_resnet101", "paper_ratio_resnet101", "flag_resnet101", "ratio_nextvit_s",
               "paper_ratio_nextvit_s", "flag_nextvit_s", "spread_resnet101", "spread_nextvit_s", "peak_note",
-              "baseline", "ratio_baseline", "spread_baseline")
+              "baseline", "ratio_baseline", "spread_baseline", "speedup_vs_fp32")
 
 
 def render_csv(d: dict[str, Any]) -> str:

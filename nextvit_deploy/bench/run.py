@@ -1,6 +1,7 @@
 """The default ``bench`` run: validate, prepare every row and peak, time them in interleaved rounds."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import tempfile
 import time
@@ -16,10 +17,12 @@ from .machine import backend_status, machine_labels
 from .measure import Timed, interleave, prepare_row
 from .models import build_bench_model, export_bench_onnx, is_nextvit, largest_gemms, resolve_models
 from .peaks import PEAK_BACKENDS, best_peaks, gemm_sweep, peak_fraction, prepare_peaks
-from .ratios import wide_spreads, with_ratios
+from .ratios import wide_spreads, with_ratios, with_speedups
 from .types import BACKENDS, PRECISIONS, BenchConfig, BenchProgress, BenchReport, BenchRow
 
-__all__ = ["bench", "check_config"]
+__all__ = ["bench", "check_config", "INT8_BACKENDS"]
+
+INT8_BACKENDS = ("onnxruntime", "tensorrt")  # backends with an INT8 convention in export's precision transform
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -98,7 +101,8 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                        "rounds": cfg.rounds, "interleaved": True}
     needs_onnx = any(s.name in ("onnxruntime", "tensorrt") for s in run_on)
     failures: list[dict[str, str]] = []
-    prepared: list[tuple[str, str, Any, Any, Any, Timed]] = []  # (model, display, status, flops, built, timed)
+    prepared: list[tuple[str, str, Any, Any, Any, Timed, str]] = []  # model, display, status, flops, built, timed,
+    # precision
     gemms: list[tuple[int, int, int]] = []
     progress.start(len(models) * (1 + len(run_on)) + len(run_on) + 1)
     task, side = cfg.published_task, (cfg.size[0] if cfg.size[0] == cfg.size[1] else 0)
@@ -123,38 +127,43 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                 continue
             progress.step(display, advance=1)
             for status in run_on:
-                progress.step(f"{display} on {status.name}: preparing")
-                try:
-                    timed = prepare_row(f"{display} on {status.name}", built, onnx_path, cfg, status, tmp, threads,
-                                        stack)
-                    prepared.append((name, display, status, flops, built, timed))
-                except DeployError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    failures.append(_failure(name, status.name, exc))
-                    progress.note(f"{display} on {status.name} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                precisions = [cfg.precision] + (["int8"] if cfg.int8 and status.name in INT8_BACKENDS else [])
+                for precision in precisions:
+                    key = f"{display} on {status.name}" + (f" ({precision})" if precision != cfg.precision else "")
+                    progress.step(f"{key}: preparing")
+                    try:
+                        timed = prepare_row(key, built, onnx_path, dataclasses.replace(cfg, precision=precision),
+                                            status, tmp, threads, stack)
+                        prepared.append((name, display, status, flops, built, timed, precision))
+                    except DeployError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        failures.append(_failure(name, f"{status.name} {precision}", exc))
+                        progress.note(f"{key} failed: {type(exc).__name__}: {str(exc)[:120]}")
                 progress.step(f"{display} on {status.name}", advance=1)
         gemms = sorted(set(gemms), key=lambda s: -s[0] * s[1] * s[2])[:2]
-        peak_items: dict[str, tuple[Any, list[tuple[int, int, int]], list[Timed]]] = {}
+        peak_items: dict[tuple[str, str], tuple[Any, list[tuple[int, int, int]], list[Timed]]] = {}
         for status in run_on:
-            if status.name in PEAK_BACKENDS:
+            for precision in dict.fromkeys(p[-1] for p in prepared if p[2] is status):
+                if status.name not in PEAK_BACKENDS:
+                    continue
                 shapes = gemm_sweep(status.device.startswith("cuda"), gemms)
                 try:
-                    items = prepare_peaks(status.name, status, cfg.precision, shapes, threads=threads, tmp=tmp,
+                    items = prepare_peaks(status.name, status, precision, shapes, threads=threads, tmp=tmp,
                                           stack=stack)
                 except Exception as exc:  # noqa: BLE001 - a peak that cannot be measured leaves the fraction empty
-                    warnings.append(f"GEMM peak of {status.name} not measured: {type(exc).__name__}: {exc}")
+                    warnings.append(f"GEMM peak of {status.name} {precision} not measured: {type(exc).__name__}: {exc}")
                     items = []
-                peak_items[status.name] = (status, shapes, items)
+                peak_items[(status.name, precision)] = (status, shapes, items)
             progress.step(f"GEMM peak: {status.name}", advance=1)
         items = [p[-1] for p in prepared] + [t for _, _, ts in peak_items.values() for t in ts]
         timings = interleave(items, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds, duration_s=cfg.duration_s,
                              step=lambda desc, _n: progress.step(desc))
         progress.step("rounds done", advance=1)
-        peaks = {name: best_peaks(name, status, cfg.precision, shapes, timings)
-                 for name, (status, shapes, _) in peak_items.items()}
+        peaks = {key: best_peaks(key[0], status, key[1], shapes, timings)
+                 for key, (status, shapes, _) in peak_items.items()}
         rows = []
-        for name, display, status, flops, built, timed in prepared:
+        for name, display, status, flops, built, timed, precision in prepared:
             timing = timings[timed.key]
             stats = timing.stats
             for w in stats.warnings:
@@ -162,12 +171,12 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                     warnings.append(f"{timed.key}: {w}")
             ms = stats.gpu_median_ms if stats.gpu_median_ms else stats.median_ms
             achieved = 2.0 * flops.macs * cfg.batch / (ms * 1e-3) / 1e9
-            fraction, peak_note = peak_fraction(achieved, peaks.get(status.name))
+            fraction, peak_note = peak_fraction(achieved, peaks.get((status.name, precision)))
             if peak_note:
                 warnings.append(f"{timed.key}: {achieved:.1f} GFLOP/s is above the measured GEMM peak: {peak_note} "
                                 "(the sweep missed this backend's best GEMM)")
             pub = published.lookup(name, task=task, image_size=side)
-            latency = LatencyReport(name=name, backend=status.name, precision=cfg.precision, batch=cfg.batch,
+            latency = LatencyReport(name=name, backend=status.name, precision=precision, batch=cfg.batch,
                                     input_shape=(cfg.batch, 3, *cfg.size), device=status.device or "cpu",
                                     threads=threads, stats=stats, versions={status.name: status.version})
             rows.append(BenchRow(
@@ -181,7 +190,7 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                 notes=tuple(built.notes), round_medians_ms=tuple(timing.round_medians_ms)))
     prepared.clear()
     gc.collect()
-    rows = with_ratios(rows, task=task, side=side)
+    rows = with_speedups(with_ratios(rows, task=task, side=side), cfg.precision)
     warnings.extend(wide_spreads(rows))
     fewest = min((r.latency.stats.runs for r in rows), default=TARGET_RUNS)
     if fewest < TARGET_RUNS:

@@ -43,6 +43,8 @@ class BenchConfig:
         opset: ONNX opset. Defaults to 17.
         rounds: interleaved rounds: every row (and every peak GEMM) runs a share of its timed runs per
             round, rows alternating A, B, C, A, B, C, ..., so drift hits all rows alike. Defaults to 5.
+        int8: also an INT8 row per model on the backends with an INT8 convention (ONNX Runtime x86 QDQ,
+            TensorRT Q/DQ), built through ``export``'s precision transform, with its speed-up over fp32.
     """
 
     models: tuple[str, ...] | None = None
@@ -59,6 +61,7 @@ class BenchConfig:
     simplify: bool | None = None
     opset: int = 17
     rounds: int = 5
+    int8: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -137,6 +140,7 @@ class BenchRow:
     ratio_baseline: float | None = None
     spread_baseline: float | None = None
     round_medians_ms: tuple[float, ...] = ()
+    speedup_vs_fp32: float | None = None  # precision rows: fp32 median / this row's median, same backend
 
     @property
     def median_ms(self) -> float:
@@ -152,7 +156,7 @@ class BenchRow:
             "paper_trt_ms", "paper_coreml_ms", "paper_metric", "metric", "paper_status", "paper_column",
             "ratio_resnet101", "paper_ratio_resnet101", "flag_resnet101", "ratio_nextvit_s",
             "paper_ratio_nextvit_s", "flag_nextvit_s", "spread_resnet101", "spread_nextvit_s", "peak_note",
-            "baseline", "ratio_baseline", "spread_baseline")}
+            "baseline", "ratio_baseline", "spread_baseline", "speedup_vs_fp32")}
         s = self.latency.stats
         d.update(precision=self.latency.precision, batch=self.latency.batch, device=self.latency.device,
                  threads=self.latency.threads, input_shape=list(self.latency.input_shape),

@@ -95,7 +95,8 @@ def _table(report) -> object:
         t.add_column(col, justify=just)
     for r in report.rows:
         s = r.latency.stats
-        t.add_row(r.display, r.backend, f(s.median_ms, ".1f"), f(s.p90_ms, ".1f"), f(s.p99_ms, ".1f"),
+        backend = r.backend if r.latency.precision == cfg.precision else f"{r.backend} {r.latency.precision}"
+        t.add_row(r.display, backend, f(s.median_ms, ".1f"), f(s.p90_ms, ".1f"), f(s.p99_ms, ".1f"),
                   f(r.throughput_ips, ".2f"), f(r.gmacs), f(r.achieved_gflops, ".1f"),
                   r.peak_note or ("–" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%"),
                   f(r.paper_trt_ms, ".1f"),
@@ -143,6 +144,8 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="cls (classifier) or det (backbone, the det/seg rows).")] = "cls",
     simplify: Annotated[bool | None, typer.Option(
         "--simplify/--no-simplify", help="Run the ONNX simplifier. Default: only when TensorRT runs.")] = None,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Also an INT8 row per model on ONNX Runtime (x86 QDQ) and TensorRT, with its speed-up.")] = False,
     baseline: Annotated[str | None, typer.Option(
         "--baseline", help="With artifacts: the one every ratio divides by. Default: the first.")] = None,
 ) -> None:
@@ -164,7 +167,8 @@ def bench(
 
     if artifacts:
         for flag, value in (("--models", models), ("--backends", backends), ("--image-size", image_size),
-                            ("--full", full or None), ("--simplify/--no-simplify", simplify)):
+                            ("--full", full or None), ("--simplify/--no-simplify", simplify),
+                            ("--int8", int8 or None)):
             if value is not None:
                 raise BadInput(f"{flag} applies to the table bench builds itself, not to artifacts: drop {flag}")
         check_creatable_dir(out_dir)
@@ -197,7 +201,7 @@ def bench(
     cfg = BenchConfig(models=_split(models), backends=_split(backends), batch=static or 8,
                       precision=PrecisionName(precision).value, image_size=size, warmup=warmup, iters=iters,
                       duration_s=duration or None, threads=threads, task=task, full=full, simplify=simplify,
-                      rounds=rounds)
+                      rounds=rounds, int8=int8)
     with _RichProgress() as progress:
         report = run_bench(cfg, progress=progress)
     _print_report(report, out_dir)
@@ -207,6 +211,10 @@ def _print_report(report, out_dir: Path) -> None:
     from ..bench import write_outputs
 
     out.print(_artifact_table(report) if report.artifacts else _table(report))
+    for r in report.rows:
+        if r.speedup_vs_fp32 is not None:
+            out.print(f"{r.display} on {r.backend} {r.latency.precision}: {r.speedup_vs_fp32:.2f}x the "
+                      f"{report.config.precision} row", highlight=False)
     for b in report.backends:
         if not b.available:
             out.print(f"skipped {b.name}: {escape(b.reason)}", highlight=False)
