@@ -15,7 +15,24 @@ import numpy as np
 
 from ..errors import BadInput
 
-__all__ = ["TensorSpec", "Runner", "check_feed"]
+__all__ = ["TensorSpec", "Runner", "check_feed", "Availability"]
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend runs on this machine: each backend module's ``availability()`` returns one, and
+    ``bench``, ``doctor`` and error messages all read it. ``reason`` says why not (with the install hint
+    from ``_deps.INSTALL_HINTS``), ``version`` what runs, ``device`` where."""
+
+    name: str
+    available: bool
+    reason: str = ""
+    version: str = ""
+    device: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "available": self.available, "reason": self.reason, "version": self.version,
+                "device": self.device}
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput, MissingDependency
-from .base import Runner, TensorSpec
+from .base import Availability, Runner, TensorSpec
 
-__all__ = ["COMPUTE_UNITS", "CoreMLRunner", "CoreMLUnavailable", "runner_for_artifact", "measure_latency",
+__all__ = ["COMPUTE_UNITS", "CoreMLRunner", "CoreMLUnavailable", "availability", "runner_for_artifact", "measure_latency",
            "trimmed"]
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
@@ -210,3 +210,17 @@ def measure_latency(artifact, *, compute_units: Sequence[str] = LATENCY_UNITS, w
                                      batch=shape[0], input_shape=shape, device=runner.device, threads=0,
                                      stats=stats, versions=tool_versions("coremltools")))
     return reports
+
+
+def availability(precision: str = "fp32") -> Availability:
+    """Core ML predictions here: macOS with coremltools (conversion works anywhere, prediction only there)."""
+    from importlib import metadata
+
+    from .._deps import INSTALL_HINTS, available
+
+    if not _is_macos():
+        return Availability("coreml", False, f"the Core ML runtime is macOS-only (this is {sys.platform}); "
+                            "export --target coreml here and bench on a Mac")
+    if not available("coremltools"):
+        return Availability("coreml", False, f"coremltools is not installed: {INSTALL_HINTS['coremltools']}")
+    return Availability("coreml", True, "", metadata.version("coremltools"), "Core ML (compute units ALL)")

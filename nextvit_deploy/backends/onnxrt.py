@@ -9,9 +9,9 @@ import numpy as np
 
 from .._deps import require
 from ..errors import BadInput
-from .base import Runner, TensorSpec
+from .base import Availability, Runner, TensorSpec
 
-__all__ = ["OrtRunner"]
+__all__ = ["OrtRunner", "availability"]
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
@@ -80,3 +80,26 @@ def runner_for_artifact(artifact, *, threads: int | None = None,
     lo, _, hi = artifact.batch
     return OrtRunner(artifact.path, providers=providers, threads=threads,
                      batch_range=(lo, hi) if artifact.dynamic_batch else None)
+
+
+def availability(precision: str = "fp32") -> Availability:
+    """ONNX Runtime here: version and device (CUDA EP when this build has it and a GPU is visible)."""
+    from .._deps import INSTALL_HINTS, available
+
+    if not available("onnxruntime"):
+        return Availability("onnxruntime", False, f"onnxruntime is not installed: {INSTALL_HINTS['onnxruntime']}")
+    import onnxruntime as ort
+
+    if precision == "fp16":
+        return Availability("onnxruntime", False, "fp16 ONNX Runtime rows are not measured by bench: use --precision "
+                            "fp32 (or export --precision fp16 and bench the artifact)", ort.__version__)
+    gpu = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_visible()
+    return Availability("onnxruntime", True, "", ort.__version__, "cuda:0 (CUDA EP)" if gpu else "cpu")
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -34,11 +34,11 @@ import numpy as np
 from .._deps import require
 from ..artifact import MANIFEST_SUFFIX, Artifact, manifest_path, sha256_path
 from ..errors import ArtifactError, BadInput, DeployError, MissingDependency
-from .base import Runner, TensorSpec
+from .base import Availability, Runner, TensorSpec
 
 __all__ = ["SIDECAR_SUFFIX", "EngineMismatch", "EngineBuildError", "sidecar_path", "current_environment",
            "check_engine_environment", "TrtRunner", "runner_for_artifact", "engine_artifact", "trt_major",
-           "cuda_index", "read_sidecar"]
+           "cuda_index", "read_sidecar", "availability"]
 
 SIDECAR_SUFFIX = ".build.json"
 
@@ -323,3 +323,23 @@ def runner_for_artifact(artifact, **kw: Any) -> Runner:
     outside = bool(artifact.details.get("built_outside"))
     return TrtRunner(artifact.path, rebuild=str(artifact.details.get("trtexec") or ""), require_sidecar=not outside,
                      **{k: v for k, v in kw.items() if k in ("device", "check_environment")})
+
+
+def availability(precision: str = "fp32") -> Availability:
+    """TensorRT here: installed, importable (the PyPI stubs fail at import) and a CUDA GPU visible."""
+    from importlib import metadata
+
+    from .._deps import INSTALL_HINTS, available
+
+    if not available("tensorrt"):
+        return Availability("tensorrt", False, f"tensorrt is not installed: {INSTALL_HINTS['tensorrt']}")
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the stub packages raise anything at import time
+        return Availability("tensorrt", False, f"tensorrt import fails ({type(exc).__name__}); "
+                            f"{INSTALL_HINTS['tensorrt']}")
+    cuda = _cuda()
+    if not cuda.device_count():
+        return Availability("tensorrt", False, "TensorRT needs a CUDA GPU (this machine has none)",
+                            metadata.version("tensorrt"))
+    return Availability("tensorrt", True, "", metadata.version("tensorrt"), f"cuda:0 ({cuda.describe(0)[0]})")

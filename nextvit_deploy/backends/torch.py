@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Runner, TensorSpec
+from .base import Availability, Runner, TensorSpec
 
-__all__ = ["TorchRunner"]
+__all__ = ["TorchRunner", "availability"]
 
 
 class TorchRunner(Runner):
@@ -50,3 +50,16 @@ class TorchRunner(Runner):
         if len(outs) != len(self.output_names):
             raise RuntimeError(f"model returned {len(outs)} outputs, expected {len(self.output_names)}")
         return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+
+def availability(precision: str = "fp32", *, graphs: bool = False) -> Availability:
+    """torch eager (``graphs=False``) or torch with CUDA graphs (``name`` ``torch-cudagraph``) here."""
+    cuda = torch.cuda.is_available()
+    name = "torch-cudagraph" if graphs else "torch"
+    device = f"cuda:0 ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
+    if graphs and not cuda:
+        return Availability(name, False, "needs a CUDA GPU (this machine has none)", torch.__version__)
+    if precision == "fp16" and not cuda:
+        return Availability(name, False, "fp16 on a CPU is emulated, not a deployment setting: use --precision fp32",
+                            torch.__version__, device)
+    return Availability(name, True, "", torch.__version__, device)

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ._common import err, handle_errors, out
+from ._common import BatchOpt, ImageSizeOpt, PrecisionName, err, handle_errors, out
 
 __all__ = ["bench", "EXAMPLES"]
 
@@ -24,6 +24,10 @@ EXAMPLES = """Examples:
   nextvit-deploy bench --task det --models nextvit_small,resnet101 --out results/det   # backbone at 512x512
 
   nextvit-deploy bench --full --out results/full       # every published row timm can build
+
+  nextvit-deploy bench build/*.onnx --rounds 7         # exported artifacts, ratios against the first
+
+  nextvit-deploy bench fp32.onnx int8.onnx --baseline fp32.onnx --batch 8
 """
 
 
@@ -91,29 +95,48 @@ def _table(report) -> object:
         t.add_column(col, justify=just)
     for r in report.rows:
         s = r.latency.stats
-        t.add_row(r.display, r.backend, f(s.median_ms, ".1f"), f(s.p90_ms, ".1f"), f(s.p99_ms, ".1f"),
+        backend = r.backend if r.latency.precision == cfg.precision else f"{r.backend} {r.latency.precision}"
+        t.add_row(r.display, backend, f(s.median_ms, ".1f"), f(s.p90_ms, ".1f"), f(s.p99_ms, ".1f"),
                   f(r.throughput_ips, ".2f"), f(r.gmacs), f(r.achieved_gflops, ".1f"),
-                  "–" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%", f(r.paper_trt_ms, ".1f"),
+                  r.peak_note or ("–" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%"),
+                  f(r.paper_trt_ms, ".1f"),
                   f(r.ratio_resnet101), f(r.paper_ratio_resnet101), flag(r.flag_resnet101),
                   f(r.ratio_nextvit_s), f(r.paper_ratio_nextvit_s), flag(r.flag_nextvit_s))
     return t
 
 
+def _static_batch(text: str | None) -> int | None:
+    from ..errors import BadInput
+    from ..export import parse_batch
+
+    if text is None:
+        return None
+    lo, opt, hi = parse_batch(text)
+    if not lo == opt == hi:
+        raise BadInput(f"bench times one batch size, got the range {text}: pass a single --batch, e.g. --batch {opt}")
+    return opt
+
+
 @handle_errors
 def bench(
-    batch: Annotated[int, typer.Option("--batch", "-b", help="Images per call (the paper: 8).")] = 8,
+    artifacts: Annotated[list[Path] | None, typer.Argument(
+        help="Exported artifacts (.onnx, TensorRT-ready .onnx, .engine, .mlpackage) to time side by side. "
+             "Default: the paper's table on models bench builds itself.", show_default=False)] = None,
+    batch: BatchOpt = None,
     models: Annotated[str | None, typer.Option(
         "--models", help="Comma-separated timm names or paper names. Default: the task's subset.")] = None,
     backends: Annotated[str | None, typer.Option(
         "--backends", help="Comma-separated: torch, torch-cudagraph, onnxruntime, tensorrt, coreml. "
                            "Default: every backend this machine has.")] = None,
-    precision: Annotated[str, typer.Option("--precision", "-p", help="fp32 or fp16.")] = "fp32",
-    image_size: Annotated[str | None, typer.Option(
-        "--image-size", "-s", help="224 or HEIGHTxWIDTH. Default: 224 (cls), 512 (det).")] = None,
+    precision: Annotated[PrecisionName, typer.Option(
+        "--precision", "-p", help="fp32 or fp16 for the table (artifacts carry their own).")] = "fp32",
+    image_size: ImageSizeOpt = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Discarded runs per row.")] = 1,
     iters: Annotated[int, typer.Option("--iters", help="Timed runs wanted per row.")] = 20,
+    rounds: Annotated[int, typer.Option(
+        "--rounds", help="Interleaved rounds: rows alternate A, B, C, A, B, C, ... (ratios get a spread).")] = 5,
     duration: Annotated[float, typer.Option(
-        "--duration", help="Seconds after which a row may stop before --iters (at least 3 runs); "
+        "--duration", help="Seconds after which a row may stop before --iters (at least 3 runs per round); "
                            "0 = exactly --iters runs.")] = 5.0,
     threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads. Default: all cores.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for bench.json/.csv/.md/.png.")] = Path("bench"),
@@ -121,15 +144,41 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="cls (classifier) or det (backbone, the det/seg rows).")] = "cls",
     simplify: Annotated[bool | None, typer.Option(
         "--simplify/--no-simplify", help="Run the ONNX simplifier. Default: only when TensorRT runs.")] = None,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Also an INT8 row per model on ONNX Runtime (x86 QDQ) and TensorRT, with its speed-up.")] = False,
+    baseline: Annotated[str | None, typer.Option(
+        "--baseline", help="With artifacts: the one every ratio divides by. Default: the first.")] = None,
 ) -> None:
-    """Measure Next-ViT and the paper's baselines on every backend here; ratios beside the published ones."""
-    from ..bench import BenchConfig, write_outputs
+    """Measure Next-ViT and the paper's baselines on every backend here (ratios beside the published ones),
+    or time exported artifacts side by side."""
+    from ..bench import BenchConfig, bench_artifacts
     from ..bench import bench as run_bench
     from ..errors import BadInput
     from ..export import parse_image_size
 
     if duration < 0:
         raise BadInput(f"--duration must be 0 or more seconds, got {duration}")
+    if rounds < 1:
+        raise BadInput(f"--rounds must be at least 1, got {rounds}")
+    static = _static_batch(batch)
+    if static is not None and not 1 <= static <= 256:
+        raise BadInput(f"--batch must be 1 to 256, got {static}")
+    from ..artifact import check_creatable_dir
+
+    if artifacts:
+        for flag, value in (("--models", models), ("--backends", backends), ("--image-size", image_size),
+                            ("--full", full or None), ("--simplify/--no-simplify", simplify),
+                            ("--int8", int8 or None)):
+            if value is not None:
+                raise BadInput(f"{flag} applies to the table bench builds itself, not to artifacts: drop {flag}")
+        check_creatable_dir(out_dir)
+        with _RichProgress() as progress:
+            report = bench_artifacts(artifacts, baseline=baseline, batch=static, warmup=warmup, iters=iters,
+                                     rounds=rounds, duration_s=duration or None, threads=threads, progress=progress)
+        _print_report(report, out_dir)
+        return
+    if baseline is not None:
+        raise BadInput("--baseline needs artifacts: pass the exported files, e.g. bench a.onnx b.onnx --baseline a.onnx")
     if task not in ("cls", "det"):
         raise BadInput(f"unknown --task {task!r}: choose cls or det")
     if full and models:
@@ -148,23 +197,31 @@ def bench(
         if max(size) > 2048:
             raise BadInput(f"--image-size {size[0]}x{size[1]} is above the limit of 2048 pixels a side: "
                            "use a smaller --image-size")
-    if not 1 <= batch <= 256:
-        raise BadInput(f"--batch must be 1 to 256, got {batch}")
-    from ..artifact import check_creatable_dir
-
     check_creatable_dir(out_dir)  # created only when the results are written: a refused run leaves no folder
-    cfg = BenchConfig(models=_split(models), backends=_split(backends), batch=batch, precision=precision,
-                      image_size=size, warmup=warmup, iters=iters,
-                      duration_s=duration or None, threads=threads, task=task, full=full, simplify=simplify)
+    cfg = BenchConfig(models=_split(models), backends=_split(backends), batch=static or 8,
+                      precision=PrecisionName(precision).value, image_size=size, warmup=warmup, iters=iters,
+                      duration_s=duration or None, threads=threads, task=task, full=full, simplify=simplify,
+                      rounds=rounds, int8=int8)
     with _RichProgress() as progress:
         report = run_bench(cfg, progress=progress)
-    out.print(_table(report))
+    _print_report(report, out_dir)
+
+
+def _print_report(report, out_dir: Path) -> None:
+    from ..bench import write_outputs
+
+    out.print(_artifact_table(report) if report.artifacts else _table(report))
+    for r in report.rows:
+        if r.speedup_vs_fp32 is not None:
+            out.print(f"{r.display} on {r.backend} {r.latency.precision}: {r.speedup_vs_fp32:.2f}x the "
+                      f"{report.config.precision} row", highlight=False)
     for b in report.backends:
         if not b.available:
             out.print(f"skipped {b.name}: {escape(b.reason)}", highlight=False)
     for p in report.peaks:
-        out.print(f"MatMul peak {p.backend}: {p.gflops:.1f} GFLOP/s ({p.n}x{p.n} {p.precision}, {p.device})",
-                  highlight=False)
+        shape = "x".join(map(str, p.shape))
+        out.print(f"GEMM peak {p.backend} {p.precision}: {p.gflops:.1f} GFLOP/s (best of {len(p.sweep)} shapes: "
+                  f"{shape} MxKxN, {p.device})", highlight=False)
     for f in report.failures:
         out.print(f"[red]failed[/] {f['model']} on {f['backend']}: {escape(f['error'])}", highlight=False)
     for w in report.warnings:
@@ -173,3 +230,19 @@ def bench(
     out.print(f"measured on {report.labels['cpu']} ({report.labels['threads']} threads) in {report.wall_s:.0f} s; "
               f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
     raise typer.Exit(0 if report else 1)
+
+
+def _artifact_table(report) -> object:
+    from rich.table import Table
+
+    base = report.rows[0].baseline if report.rows else ""
+    t = Table(title=f"latency per batch, {report.config.rounds} interleaved rounds; ratios against {base}")
+    for col in ("artifact", "runner", "precision", "batch", "median ms", "p90", "img/s", "% peak", "× base", "spread"):
+        t.add_column(col, justify="left" if col in ("artifact", "runner", "precision") else "right", no_wrap=True)
+    for r in report.rows:
+        s = r.latency.stats
+        peak = r.peak_note or ("–" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%")
+        spread = "–" if r.spread_baseline is None else f"±{100 * r.spread_baseline:.0f}%"
+        t.add_row(r.display, r.backend, r.latency.precision, str(r.latency.batch), f"{s.median_ms:.2f}",
+                  f"{s.p90_ms:.2f}", f"{r.throughput_ips:.1f}", peak, f"{r.ratio_baseline:.2f}", spread)
+    return t

@@ -21,13 +21,17 @@ def _version(dist: str) -> str | None:
 
 def backend_rows() -> list[tuple[str, str, str]]:
     """(backend, status, detail) rows; status is 'ok', 'partial' or 'missing'."""
+    from ..backends import onnxrt, tensorrt
+
     rows = []
-    if available("onnxruntime"):
+    ort_status = onnxrt.availability()
+    if ort_status.available:
         import onnxruntime as ort
 
-        rows.append(("onnxruntime", "ok", f"{ort.__version__}; providers: {', '.join(ort.get_available_providers())}"))
+        rows.append(("onnxruntime", "ok", f"{ort_status.version}; device {ort_status.device}; providers: "
+                     f"{', '.join(ort.get_available_providers())}"))
     else:
-        rows.append(("onnxruntime", "missing", INSTALL_HINTS["onnxruntime"]))
+        rows.append(("onnxruntime", "missing", ort_status.reason))
     import torch
 
     if torch.cuda.is_available():
@@ -35,16 +39,14 @@ def backend_rows() -> list[tuple[str, str, str]]:
     else:
         why = "this torch is a CPU build" if torch.version.cuda is None else "no NVIDIA GPU/driver visible"
         rows.append(("torch CUDA", "missing", f"torch {torch.__version__}: {why}; CPU eager works"))
-    if available("tensorrt"):
-        try:
-            import tensorrt as trt
-
-            rows.append(("tensorrt", "ok", f"{trt.__version__}"))
-        except Exception as exc:  # the PyPI stub packages fail at import time
-            rows.append(("tensorrt", "missing", f"import fails ({type(exc).__name__}); {INSTALL_HINTS['tensorrt']}"))
-    else:
+    trt_status = tensorrt.availability()
+    if trt_status.available:
+        rows.append(("tensorrt", "ok", f"{trt_status.version}; {trt_status.device}"))
+    elif not available("tensorrt"):
         rows.append(("tensorrt", "missing", f"not installed; {INSTALL_HINTS['tensorrt']}. Without it, "
                      "'export --target trt' writes the TensorRT-ready ONNX and the trtexec command"))
+    else:
+        rows.append(("tensorrt", "missing", trt_status.reason))
     ct = _version("coremltools")
     if ct is None:
         rows.append(("coremltools", "missing", INSTALL_HINTS["coremltools"]))

@@ -77,6 +77,9 @@ def check_applicable(ctx: typer.Context, *, target: str, precision: str, checkpo
         if given(ctx, name) and (target, precision) != ("trt", "int8"):
             raise BadInput(f"{flag} applies only to --target trt --precision int8, not {precision} {target}: "
                            f"drop {flag}")
+    if given(ctx, "int8_weight_bits") and (target, precision) != ("onnx", "int8"):
+        raise BadInput(f"--int8-weight-bits applies only to --target onnx --precision int8, not {precision} {target}: "
+                       "drop --int8-weight-bits")
     if given(ctx, "seed") and checkpoint is not None:
         raise BadInput("--seed applies only to random weights, not with --checkpoint: drop --seed")
 
@@ -105,6 +108,8 @@ def export_cmd(
                                                           "-> MatMul.")] = False,
     residual_qdq: Annotated[bool, typer.Option(help="INT8 (trt): Q/DQ on the skip input of residual Conv + Add.")]
     = True,
+    int8_weight_bits: Annotated[int | None, typer.Option(
+        help="INT8 (onnx): weight bits, 8 (CPUs with VNNI/AMX) or 7 (without). Default: what this CPU has.")] = None,
     device: Annotated[str, typer.Option(help="TensorRT: GPU that builds the engine (cuda:N).")] = "cuda:0",
     workspace_gb: Annotated[float, typer.Option(help="TensorRT: builder workspace limit (GiB).")] = 4.0,
     timing_cache: Annotated[Path | None, typer.Option(help="TensorRT: timing cache file to load/save.")] = None,
@@ -120,6 +125,8 @@ def export_cmd(
     from ..artifact import check_output_file
 
     check_applicable(ctx, target=target.value, precision=precision.value, checkpoint=checkpoint)
+    if int8_weight_bits not in (None, 7, 8):
+        raise BadInput(f"--int8-weight-bits must be 7 or 8, got {int8_weight_bits}")
     if input_kind not in ("tensor", "image"):
         raise BadInput(f"--input-kind must be 'tensor' or 'image', got {input_kind!r}")
     if json_path is not None:
@@ -135,7 +142,7 @@ def export_cmd(
         workspace_gb=workspace_gb, timing_cache=timing_cache, builder_opt_level=opt_level,
         min_deployment_target=min_target, input_kind=input_kind, class_labels=labels, calib_method=calib_method,
         int8_high_precision=int8_float, int8_attention=quantize_attention, int8_residual=residual_qdq, device=device,
-        force=force)
+        int8_weight_bits=int8_weight_bits, force=force)
     with progress_status(f"exporting {canonical} to {req.target} ({req.precision})") as say:
         try:
             art = export(req, progress=say)

@@ -79,6 +79,7 @@ class ExportRequest:
     int8_attention: bool = False  # also quantize MatMul -> Softmax -> MatMul
     int8_residual: bool = True  # Q/DQ on the skip input of Conv + Add
     int8_high_precision: str = "fp16"  # type of the unquantized regions: fp16 (opset >= 19) or fp32
+    int8_weight_bits: int | None = None  # ONNX Runtime x86 INT8: 8 with VNNI/AMX, 7 without; None = this CPU's
     device: str = "cuda:0"  # TensorRT: the GPU that builds (and runs) the engine
     # Replace an existing artifact of the same name that holds other weights (another seed/checkpoint).
     force: bool = False

@@ -57,7 +57,8 @@ def apply_precision(src: Path, dst: Path, req: ExportRequest, *, convention: Con
     calib = calibration_set(image_size=req.image_size, calib_dir=req.calib_dir, calib_images=req.calib_images,
                             crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, input_kind=req.input_kind)
     out_model, details = transform_graph(onnx.load(str(src)), req.precision, calib.feeds, convention=convention,
-                                         int8=req.int8_options(), progress=progress)
+                                         int8=req.int8_options(), weight_bits=req.int8_weight_bits,
+                                         progress=progress)
     onnx.save(out_model, str(dst))
     onnx.checker.check_model(str(dst))
     details.update({"precision": req.precision, "convention": convention, "calibration": calib.describe()})
@@ -65,7 +66,7 @@ def apply_precision(src: Path, dst: Path, req: ExportRequest, *, convention: Con
 
 
 def transform_graph(model, precision: str, calibration: Feeds, *, convention: Convention,
-                    int8: Int8Options | None = None,
+                    int8: Int8Options | None = None, weight_bits: int | None = None,
                     progress: Callable[[str], None] = lambda _m: None) -> tuple[Any, dict[str, Any]]:
     """The precision transform itself, on an in-memory fp32 graph: what ``export`` and ``bench`` share.
 
@@ -75,6 +76,9 @@ def transform_graph(model, precision: str, calibration: Feeds, *, convention: Co
         calibration: float32 NCHW inputs in the model's input convention.
         convention: "tensorrt" or "onnxruntime" (INT8 only).
         int8: TensorRT-convention INT8 options. Defaults to :class:`~.int8.Int8Options` ().
+        weight_bits: ONNX Runtime x86 INT8 weight range: 8 (CPUs with VNNI/AMX accumulate u8 x s8 in int32)
+            or 7 (without, ``vpmaddubsw`` would saturate int16 pairs). Defaults to None: what this CPU has
+            (:func:`nextvit_deploy.cpuinfo.int8_weight_bits`). The details record the bits and their source.
         progress: one-line progress callback.
 
     Returns:
@@ -93,6 +97,15 @@ def transform_graph(model, precision: str, calibration: Feeds, *, convention: Co
 
     if convention == "tensorrt":
         res = quantize_trt(model, calibration, options=int8 or Int8Options(), progress=progress)
-    else:
-        res = quantize_ort_x86(model, calibration, progress=progress)
-    return res.model, res.details()
+        return res.model, res.details()
+    from ..cpuinfo import cpu_flags, int8_weight_bits
+
+    if weight_bits not in (None, 7, 8):
+        raise BadInput(f"--int8-weight-bits must be 7 or 8, got {weight_bits}")
+    bits = weight_bits or int8_weight_bits()
+    source = "requested" if weight_bits else f"detected (CPU flags: {', '.join(cpu_flags()) or 'none'})"
+    progress(f"int8 (onnxruntime x86): {bits}-bit weights, {source}")
+    res = quantize_ort_x86(model, calibration, reduce_range=bits == 7, progress=progress)
+    details = res.details()
+    details["weight_bits"] = {"bits": bits, "source": source}
+    return res.model, details
