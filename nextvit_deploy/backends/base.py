@@ -10,12 +10,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import BadInput
 
 __all__ = ["TensorSpec", "Runner", "check_feed", "Availability"]
+
+R = TypeVar("R", bound="Runner")  # __enter__ returns the runner itself, typed as its own class
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Runner(abc.ABC):
         self._active = False
 
     # lifecycle ------------------------------------------------------------------------------------
-    def __enter__(self) -> Runner:
+    def __enter__(self: R) -> R:
         self._activate_impl()
         self._active = True
         return self

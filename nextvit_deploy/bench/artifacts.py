@@ -172,8 +172,9 @@ def bench_artifacts(paths: Sequence[str | Path], *, baseline: str | Path | None 
     if min(r.latency.stats.runs for r in rows) < TARGET_RUNS:
         warnings.append(f"some rows rest on fewer than {TARGET_RUNS} timed runs: raise --iters and --duration")
     first = artifacts[0]
+    height, width = (int(d) for d in first.input_shape[2:4])
     cfg = BenchConfig(models=tuple(displays), batch=rows[0].latency.batch, precision=first.precision,
-                      image_size=tuple(first.input_shape[2:]), warmup=warmup, iters=iters, duration_s=duration_s,
+                      image_size=(height, width), warmup=warmup, iters=iters, duration_s=duration_s,
                       threads=threads, rounds=rounds)
     return BenchReport(config=cfg, labels=labels, backends=(), peaks=tuple(p for p in peaks.values() if p),
                        rows=tuple(rows), warnings=tuple(warnings), wall_s=time.perf_counter() - t_start,

@@ -32,7 +32,7 @@ class Timed:
     target: Any
     feed: Any = None
     cuda_events: bool = False
-    gpu_ms: Callable[[], float] | None = None  # the runner's own device time of the last run (TensorRT)
+    gpu_ms: Callable[[], float | None] | None = None  # the runner's own device time of the last run (TensorRT)
 
 
 @dataclass
@@ -73,8 +73,9 @@ def interleave(items: list[Timed], *, warmup: int, iters: int, rounds: int, dura
             runner_gpu: list[float] = []
 
             def on_run(_i: int, _ms: float, _item: Timed = item, _sink: list[float] = runner_gpu) -> None:
-                if _item.gpu_ms is not None:
-                    _sink.append(float(_item.gpu_ms()))
+                device_ms = _item.gpu_ms() if _item.gpu_ms is not None else None
+                if device_ms is not None:
+                    _sink.append(float(device_ms))
 
             s = measure(item.target, item.feed, warmup=0, iters=quota, min_duration_s=budget,
                         cuda_events=item.cuda_events, on_run=on_run)

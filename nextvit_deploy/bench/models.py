@@ -36,7 +36,7 @@ def resolve_models(cfg: BenchConfig) -> list[str]:
             row = by_display.get(key.lower())
             if row is not None and not row.timm_name:
                 raise BadInput(f"{row.model} is not in timm ({row.note}): pick another model or drop it from --models")
-            name = row.timm_name if row is not None else key
+            name: str = row.timm_name if row is not None and row.timm_name else key
             if name in ("s", "b", "l", "small", "base", "large"):
                 from nextvit_model import resolve_variant
 
@@ -60,7 +60,7 @@ def resolve_models(cfg: BenchConfig) -> list[str]:
             raise BadInput("--models is empty: name at least one model, e.g. --models nextvit_small,resnet101")
         return names
     if cfg.full:
-        names = list(dict.fromkeys(r.timm_name for r in rows))
+        names = list(dict.fromkeys(r.timm_name for r in rows if r.timm_name))
         if not names:
             raise BadInput(f"no published {task} rows at {cfg.size[0]}x{cfg.size[1]}: use --image-size "
                            f"{published.TASK_ROWS[cfg.task][1]} with --full, or name --models")
@@ -109,11 +109,11 @@ def build_bench_model(name: str, *, task: str, image_size: tuple[int, int]) -> _
         with torch.no_grad():
             model = create_model(name, features_only=task == "det")
             fused = fuse_model(model, inplace=True)
-        names = ("feat_s4", "feat_s8", "feat_s16", "feat_s32") if task == "det" else ("logits",)
+        names: tuple[str, ...] = ("feat_s4", "feat_s8", "feat_s16", "feat_s32") if task == "det" else ("logits",)
         notes = [f"{fused.folded} BatchNorms folded by fuse_model"]
         return _Built(fused.model.eval(), fused.model.eval(), names, notes)
     timm = require("timm", purpose=f"the {name} baseline of the latency table")
-    notes: list[str] = []
+    notes = []
     if task == "det":
         try:
             model = timm.create_model(name, pretrained=False, features_only=True).eval()
@@ -215,7 +215,7 @@ def largest_gemms(module: Any, image_size: tuple[int, int], batch: int, *, top: 
         x = inputs[0]
         if isinstance(mod, nn.Linear):
             shapes.add((int(x.numel() // x.shape[-1]) * batch, mod.in_features, mod.out_features))
-        elif output.dim() == 4:
+        elif output.dim() == 4 and isinstance(mod, nn.Conv2d):
             shapes.add((int(output.shape[2] * output.shape[3]) * batch, mod.in_channels // mod.groups,
                         mod.out_channels))
 

@@ -28,8 +28,8 @@ def gemm_sweep(on_gpu: bool, model_gemms: list[tuple[int, int, int]], *,
                squares: tuple[int, ...] | None = None) -> list[tuple[int, int, int]]:
     """The (M, K, N) shapes timed for a peak: squares (default :data:`CPU_SQUARES` / :data:`GPU_SQUARES`) plus
     the model's largest GEMMs, without repeats."""
-    squares = [(n, n, n) for n in (squares or (GPU_SQUARES if on_gpu else CPU_SQUARES))]
-    return list(dict.fromkeys(squares + list(model_gemms)))
+    cubes = [(n, n, n) for n in (squares or (GPU_SQUARES if on_gpu else CPU_SQUARES))]
+    return list(dict.fromkeys(cubes + list(model_gemms)))
 
 
 def _gemm_onnx(path: Path, m: int, k: int, n: int, precision: str) -> dict[str, np.ndarray]:

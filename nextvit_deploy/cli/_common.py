@@ -35,6 +35,10 @@ DEFAULT_PRECISION: Any = PrecisionName("fp32")
 VariantOpt = Annotated[str, typer.Option("--variant", "-m", help="nextvit_small|base|large (or s, b, l).")]
 ImageSizeOpt = Annotated[str, typer.Option("--image-size", "-s", help="224 or HEIGHTxWIDTH, e.g. 256x320.")]
 BatchOpt = Annotated[str, typer.Option("--batch", "-b", help="Static batch (8) or dynamic range min:max / min:opt:max.")]
+# The same options where the command picks the default itself (bench: the task's batch and image size).
+OptionalImageSizeOpt = Annotated[str | None, typer.Option("--image-size", "-s", help="224 or HEIGHTxWIDTH, e.g. 256x320.")]
+OptionalBatchOpt = Annotated[str | None, typer.Option(
+    "--batch", "-b", help="Static batch (8) or dynamic range min:max / min:opt:max.")]
 CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Official, detection/segmentation or timm checkpoint (.pth/.bin/.safetensors), or "
                                "hf-hub:ORG/NAME[@REV], e.g. hf-hub:timm/nextvit_small.bd_in1k. Default: random weights.")]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
 
-from ._common import BatchOpt, ImageSizeOpt, PrecisionName, err, handle_errors, out
+from ..bench.types import BenchProgress
+from ._common import DEFAULT_PRECISION, OptionalBatchOpt, OptionalImageSizeOpt, PrecisionName, err, handle_errors, out
 
 __all__ = ["bench", "EXAMPLES"]
 
@@ -37,12 +38,12 @@ def _split(text: str | None) -> tuple[str, ...] | None:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-class _RichProgress:
+class _RichProgress(BenchProgress):
     """BenchProgress drawn as a rich progress bar on stderr (plain lines when stderr is not a terminal)."""
 
     def __init__(self) -> None:
-        self._bar = None
-        self._task = None
+        self._bar: Any = None  # a rich Progress when stderr is a terminal
+        self._task: Any = None
         self._last = ""
 
     def __enter__(self) -> _RichProgress:
@@ -88,10 +89,11 @@ def _table(report) -> object:
     t = Table(title=f"latency per batch of {cfg.batch}, {cfg.precision}, {h}x{w} ({cfg.task})", show_lines=False)
     t.add_column("model", no_wrap=True)
     t.add_column("backend", no_wrap=True)
-    for col, just in (("median ms", "right"), ("p90", "right"),
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (("median ms", "right"), ("p90", "right"),
                       ("p99", "right"), ("img/s", "right"), ("GMACs", "right"), ("GF/s", "right"),
                       ("% peak", "right"), ("paper TRT ms", "right"), ("×R101", "right"), ("paper ×R101", "right"),
-                      ("", "left"), ("×NV-S", "right"), ("paper ×NV-S", "right"), (" ", "left")):
+                      ("", "left"), ("×NV-S", "right"), ("paper ×NV-S", "right"), (" ", "left"))
+    for col, just in columns:
         t.add_column(col, justify=just)
     for r in report.rows:
         s = r.latency.stats
@@ -122,15 +124,15 @@ def bench(
     artifacts: Annotated[list[Path] | None, typer.Argument(
         help="Exported artifacts (.onnx, TensorRT-ready .onnx, .engine, .mlpackage) to time side by side. "
              "Default: the paper's table on models bench builds itself.", show_default=False)] = None,
-    batch: BatchOpt = None,
+    batch: OptionalBatchOpt = None,
     models: Annotated[str | None, typer.Option(
         "--models", help="Comma-separated timm names or paper names. Default: the task's subset.")] = None,
     backends: Annotated[str | None, typer.Option(
         "--backends", help="Comma-separated: torch, torch-cudagraph, onnxruntime, tensorrt, coreml. "
                            "Default: every backend this machine has.")] = None,
     precision: Annotated[PrecisionName, typer.Option(
-        "--precision", "-p", help="fp32 or fp16 for the table (artifacts carry their own).")] = "fp32",
-    image_size: ImageSizeOpt = None,
+        "--precision", "-p", help="fp32 or fp16 for the table (artifacts carry their own).")] = DEFAULT_PRECISION,
+    image_size: OptionalImageSizeOpt = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Discarded runs per row.")] = 1,
     iters: Annotated[int, typer.Option("--iters", help="Timed runs wanted per row.")] = 20,
     rounds: Annotated[int, typer.Option(
