@@ -209,6 +209,8 @@ def markdown(res: dict[str, Any]) -> str:
         for n, m in res["memory"].items():
             lines.append(f"| {n} | {m['peak_rss_mb']} | {m['images_per_s']:.0f} | {m['wall_s']} |")
     env = res["environment"]
+    lines += ["", "images/s counts decoding, preprocessing and both models (artifact and PyTorch reference) on "
+                  "shared cores: a throughput of this harness, not a speed claim for any runtime."]
     lines += ["", f"Machine: {env['machine']}, {env['cpu_count']} cores (shared), CPU flags {env['cpu_flags']}; "
                   f"Python {env['python']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}."]
     return "\n".join(lines) + "\n"
