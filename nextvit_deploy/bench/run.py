@@ -156,7 +156,7 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                     items = []
                 peak_items[(status.name, precision)] = (status, shapes, items)
             progress.step(f"GEMM peak: {status.name}", advance=1)
-        items = [p[-1] for p in prepared] + [t for _, _, ts in peak_items.values() for t in ts]
+        items = [p[5] for p in prepared] + [t for _, _, ts in peak_items.values() for t in ts]
         timings = interleave(items, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds, duration_s=cfg.duration_s,
                              step=lambda desc, _n: progress.step(desc))
         progress.step("rounds done", advance=1)
