@@ -208,8 +208,11 @@ def export_graphs(model, out_dir: Path, calib: np.ndarray, *, batch_max: int = 6
         log(f"int8 TensorRT-convention transform: {key}")
         trt[key] = quantize_trt(fp32, calib, options=Int8Options(**INT8_TRT_VARIANTS[key]), progress=log)
         onnx.save(trt[key].model, str(paths[key]))
-    log("int8 ONNX-Runtime-x86 transform")
-    ort8 = quantize_ort_x86(fp32, calib, progress=log)
+    from nextvit_deploy.cpuinfo import int8_weight_bits
+
+    bits = int8_weight_bits()  # what `export` picks on this CPU: 8-bit weights with VNNI/AMX, else 7-bit
+    log(f"int8 ONNX-Runtime-x86 transform ({bits}-bit weights, this CPU's)")
+    ort8 = quantize_ort_x86(fp32, calib, reduce_range=bits == 7, progress=log)
     onnx.save(ort8.model, str(paths["int8_ort"]))
     compat = {k: check_trt_compat(onnx.load(str(paths[k]))).to_dict() for k in ("fp16", *variants)}
     return {"paths": paths, "fp16": fp16, "int8_trt": trt, "int8_ort": ort8, "trt_compat": compat}
