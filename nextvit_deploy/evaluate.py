@@ -85,7 +85,7 @@ def scan_labelled_folder(data: str | Path, *, labels: str | Path | None = None,
                            f"({len(missing)} folders missing): add it, or remove the folder")
     else:
         classes, index = folders, {name: i for i, name in enumerate(folders)}
-    items = []
+    items: list[tuple[Path, int]] = []
     for name in folders:
         files = sorted(f for f in (root / name).rglob("*") if f.is_file() and not f.name.startswith(".")
                        and f.suffix.lower() in IMAGE_SUFFIXES)

@@ -104,7 +104,8 @@ def resize_and_crop(image: Any, size: int | Sequence[int], *, crop_pct: float = 
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), getattr(Image.Resampling, INTERPOLATIONS[interpolation]))
     image = _pad_to(image, th, tw)
-    return image.crop(crop_box(*image.size, (th, tw)))
+    width, height = image.size
+    return image.crop(crop_box(width, height, (th, tw)))
 
 
 def preprocess_pil(image: Any, size: int | Sequence[int], *, crop_pct: float = 0.95,
