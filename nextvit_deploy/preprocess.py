@@ -104,8 +104,8 @@ def resize_and_crop(image: Any, size: int | Sequence[int], *, crop_pct: float = 
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), getattr(Image.Resampling, INTERPOLATIONS[interpolation]))
     image = _pad_to(image, th, tw)
-    padded_w, padded_h = image.size
-    return image.crop(crop_box(padded_w, padded_h, (th, tw)))
+    width, height = image.size
+    return image.crop(crop_box(width, height, (th, tw)))
 
 
 def preprocess_pil(image: Any, size: int | Sequence[int], *, crop_pct: float = 0.95,

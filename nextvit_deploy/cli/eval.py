@@ -87,13 +87,14 @@ def eval_cmd(
 
 
 def _print(report) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{report.artifact}: {report.images} images, {report.classes} classes")
     for col in ("model", "top-1 %", "top-5 %"):
         table.add_column(col)
-    table.add_row(report.reference, f"{report.reference_top1:.2f}", f"{report.reference_top5:.2f}")
-    table.add_row(f"{report.candidate} [{report.candidate_device}]", f"{report.candidate_top1:.2f}",
+    table.add_row(escape(report.reference), f"{report.reference_top1:.2f}", f"{report.reference_top5:.2f}")
+    table.add_row(escape(f"{report.candidate} [{report.candidate_device}]"), f"{report.candidate_top1:.2f}",
                   f"{report.candidate_top5:.2f}")
     out.print(table)
     out.print(f"top-1 drop {report.top1_drop:+.2f} points, top-1 agreement {report.top1_agreement:.2f} %, "
