@@ -115,8 +115,10 @@ def test_small_export_verifies_on_linux(out_dir, tmp_path, case):
     if art.features_only:
         assert art.output_names == ("feat_s4", "feat_s8", "feat_s16", "feat_s32")
     if kw.get("class_labels"):
-        assert art.details["output_map"] == {"logits": "classLabel_probs"}
-        assert art.details["op_counts"]["classify"] == 1
+        assert art.details["output_map"] == {"logits": "logits"}  # parity runs on the raw logits
+        assert art.details["classifier_scores"]["kind"] == "softmax probabilities"
+        assert art.details["op_counts"]["classify"] == 1 and art.details["op_counts"]["softmax"] >= 1
+        assert set(art.details["program_outputs"]) == {"classLabel", "classLabel_probs", "logits"}
         assert len(art.details["class_labels"]) == 1000
 
 
@@ -147,6 +149,31 @@ def test_classifier_evaluator_returns_labels_and_scores(out_dir):
     assert isinstance(scores, ClassScores) and scores.scores.shape == (1000,)
     assert out["classLabel"] == scores.classes[int(np.argmax(scores.scores))]
     assert out["classLabel"].startswith("class_")
+    # the score dictionary holds probabilities (softmax inside the model), the logits ride alongside
+    probs = scores.scores.astype(np.float64)
+    assert (probs >= 0).all() and abs(probs.sum() - 1.0) < 2e-3  # fp16 program: per-score rounding
+    logits = np.asarray(out["logits"], dtype=np.float64).reshape(-1)
+    assert logits.min() < 0 < logits.max()  # raw logits, not probabilities
+    expected = np.exp(logits - logits.max())
+    np.testing.assert_allclose(probs, expected / expected.sum(), atol=2e-3)
+    assert out["classLabel"] == scores.classes[int(np.argmax(logits))]
+
+
+def test_classifier_metadata(out_dir):
+    from nextvit_deploy._deps import import_coremltools
+
+    pkgs = sorted((out_dir / "image-fp16-224-labels").glob("*.mlpackage"))
+    if not pkgs:
+        pytest.skip("runs after test_small_export_verifies_on_linux[image-fp16-224-labels]")
+    model = import_coremltools().models.MLModel(str(pkgs[0]), skip_model_load=True)
+    meta = model.user_defined_metadata
+    assert meta["com.apple.coreml.model.preview.type"] == "imageClassifier"
+    assert model.license.startswith("Apache-2.0")
+    assert model.version == "nextvit_small@random-seed1"  # the model's version, not the exporter's
+    from nextvit_deploy import __version__
+
+    assert meta["nextvit.exporter_version"] == __version__
+    assert "probabilit" in model.output_description["classLabel_probs"]
 
 
 # ---------------------------------------------------------------------------------------------------
