@@ -214,9 +214,10 @@ def _pool_out(size: int, before: int, after: int, k: int, s: int, ceil_mode: boo
 
 
 def _avg_pool(a: _Args) -> torch.Tensor:
-    """Average pooling, 1-D/2-D/3-D. The divisor counts input cells, plus explicit padding unless
-    ``exclude_padding_from_average``; cells a ceil-mode window reaches past the explicit padding are
-    never counted (PyTorch's ``avg_pool`` rule, which coremltools' converter maps onto)."""
+    """Average pooling, 1-D/2-D/3-D, with Core ML's divisor. With ``exclude_padding_from_average`` it
+    counts the input cells under the window. Without it, Core ML divides by the whole window, counting
+    explicit padding *and* the cells a ceil-mode window hangs past it (apple/coremltools#2772); PyTorch's
+    ``count_include_pad=True`` leaves the overhang out, so the two disagree there and this follows Core ML."""
     x = a.tensor("x")
     kernel = list(a.const("kernel_sizes"))
     nd = len(kernel)
@@ -238,8 +239,8 @@ def _avg_pool(a: _Args) -> torch.Tensor:
     counted = torch.ones([1, 1, *spatial], dtype=x.dtype)
     if exclude:
         counted = F.pad(counted, _torch_pad(full))
-    else:  # explicit padding counts, the ceil overhang does not
-        counted = F.pad(F.pad(counted, _torch_pad(pads), value=1.0), _torch_pad([(0, e) for e in extra]))
+    else:  # Core ML: explicit padding and the ceil overhang both count (coremltools#2772)
+        counted = F.pad(counted, _torch_pad(full), value=1.0)
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     mean_full = pool(xp, kernel, strides, padding=0, ceil_mode=False, count_include_pad=True)
     frac = pool(counted, kernel, strides, padding=0, ceil_mode=False, count_include_pad=True)
