@@ -281,3 +281,34 @@ def test_core_ml_on_macos_matches_the_evaluator(out_dir):  # pragma: no cover - 
     assert [r.device for r in reports] == ["Core ML (macOS, ALL)", "Core ML (macOS, CPU_AND_NE)",
                                            "Core ML (macOS, CPU_ONLY)"]
     assert all(r.stats.runs == 8 for r in reports)
+
+
+def test_verify_reports_both_fp16_bounds_and_names_unused_compute_units(out_dir):
+    """accumulate="fp16" keeps fp16 values in fp16 inside each op: a different (harsher) bound, still passing."""
+    from nextvit_deploy.verify import verify
+
+    pkgs = sorted((out_dir / "image-fp16-odd").glob("*.mlpackage"))
+    if not pkgs:
+        pytest.skip("runs after test_small_export_verifies_on_linux[image-fp16-odd]")
+    kind = verify(pkgs[0], max_batch=1, runner_options={"accumulate": "fp32"})
+    harsh = verify(pkgs[0], max_batch=1, runner_options={"accumulate": "fp16", "compute_units": "CPU_AND_NE"})
+    assert kind and harsh, harsh.to_dict()["worst"]
+    assert "accumulate=fp16" in harsh.candidate_device and "accumulate=fp32" in kind.candidate_device
+    if sys.platform != "darwin":
+        assert "CPU_AND_NE not used" in harsh.candidate_device
+    assert kind.worst()["max_abs"] != harsh.worst()["max_abs"]  # fp16 arithmetic really changes the numbers
+
+
+def test_accumulate_and_compute_units_are_checked(out_dir):
+    from nextvit_deploy.backends.coreml_mil import MilEvaluator
+    from nextvit_deploy.errors import BadInput
+
+    pkgs = sorted((out_dir / "image-fp16-odd").glob("*.mlpackage"))
+    if not pkgs:
+        pytest.skip("runs after test_small_export_verifies_on_linux[image-fp16-odd]")
+    with pytest.raises(BadInput, match="choose one of fp32, fp16"):
+        MilEvaluator.from_package(pkgs[0], accumulate="bf16")
+    from nextvit_deploy.verify import verify
+
+    with pytest.raises(BadInput, match="--compute-units"):
+        verify(pkgs[0], max_batch=1, runner_options={"compute_units": "GPU_ONLY"})

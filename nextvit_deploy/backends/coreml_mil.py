@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArtifactError, DeployError
+from ..errors import ArtifactError, BadInput, DeployError
 from .base import Runner, TensorSpec
 
-__all__ = ["SUPPORTED_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program"]
+ACCUMULATE = ("fp32", "fp16")
+__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program"]
 
 
 class UnsupportedMilOp(DeployError):
@@ -96,9 +97,10 @@ def _dtype_name(var) -> str | None:
 class _Args:
     """An op's inputs as the handlers see them: tensors (float32 for compute) and constant parameters."""
 
-    def __init__(self, op, env: Mapping[str, Any]):
+    def __init__(self, op, env: Mapping[str, Any], *, fp16: bool = False):
         self.op = op
         self.env = env
+        self.fp16 = fp16  # accumulate="fp16": fp16 values stay fp16 while computing
 
     def has(self, name: str) -> bool:
         return self.op.inputs.get(name) is not None
@@ -115,10 +117,10 @@ class _Args:
             if optional:
                 return None
             raise DeployError(f"internal: MIL op {self.op.op_type} '{self.op.name}' has no input {name!r}")
-        return _compute_form(self.raw(name))
+        return _compute_form(self.raw(name), fp16=self.fp16)
 
     def tensors(self, name: str) -> list[torch.Tensor]:
-        return [_compute_form(v) for v in self.raw(name)]
+        return [_compute_form(v, fp16=self.fp16) for v in self.raw(name)]
 
     def const(self, name: str, default: Any = None) -> Any:
         """A parameter as a Python/numpy value (``default`` when the op does not set it)."""
@@ -141,9 +143,11 @@ class _Args:
                                "does not implement: verify this package on macOS with Core ML instead")
 
 
-def _compute_form(value: Any) -> torch.Tensor:
+def _compute_form(value: Any, *, fp16: bool = False) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         value = torch.as_tensor(np.asarray(value))
+    if fp16 and value.dtype == torch.float16:
+        return value
     return value.float() if value.is_floating_point() else value
 
 
@@ -387,12 +391,20 @@ class MilEvaluator:
     Args:
         program: a ``coremltools`` MIL Program (see :func:`load_program`).
         function: which function to run. Defaults to ``"main"``.
+        accumulate: ``"fp32"`` (fp16 values are widened to fp32 for each op and the result is rounded
+            back to fp16: the kinder bound) or ``"fp16"`` (fp16 values stay fp16 inside each op, so
+            PyTorch's CPU half kernels compute them: closer to Core ML's fp16 GPU/Neural Engine
+            arithmetic, the harsher bound; kernels still pick their own internal accumulator, so this is
+            not a bit-exact model of Core ML). fp32 programs are unaffected. Defaults to ``"fp32"``.
 
     Raises:
         UnsupportedMilOp: the function uses op types outside :data:`SUPPORTED_OPS` (all are named).
     """
 
-    def __init__(self, program, *, function: str = "main"):
+    def __init__(self, program, *, function: str = "main", accumulate: str = "fp32"):
+        if accumulate not in ACCUMULATE:
+            raise BadInput(f"unknown accumulation {accumulate!r}: choose one of {', '.join(ACCUMULATE)} with --accumulate")
+        self.accumulate = accumulate
         if function not in program.functions:
             raise ArtifactError(f"the ML Program has no function {function!r} (it has {sorted(program.functions)})")
         func = program.functions[function]
@@ -413,8 +425,8 @@ class MilEvaluator:
         self._last_use = self._liveness(func)
 
     @classmethod
-    def from_package(cls, path: str | Path, *, function: str = "main") -> MilEvaluator:
-        return cls(load_program(path), function=function)
+    def from_package(cls, path: str | Path, *, function: str = "main", accumulate: str = "fp32") -> MilEvaluator:
+        return cls(load_program(path), function=function, accumulate=accumulate)
 
     def op_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(op.op_type for op in self.ops).items()))
@@ -451,7 +463,7 @@ class MilEvaluator:
             for i, op in enumerate(self.ops):
                 if op.op_type == "const":
                     continue
-                result = SUPPORTED_OPS[op.op_type](_Args(op, env))
+                result = SUPPORTED_OPS[op.op_type](_Args(op, env, fp16=self.accumulate == "fp16"))
                 results = result if isinstance(result, tuple) else (result,)
                 if len(results) != len(op.outputs):
                     raise DeployError(f"internal: MIL op {op.op_type} '{op.name}' gave {len(results)} outputs, "
@@ -508,8 +520,12 @@ class MilRunner(Runner):
     device = f"MIL evaluator (numpy/PyTorch CPU on {sys.platform}, fp16 values rounded per op; not Core ML)"
 
     def __init__(self, path: str | Path, *, output_map: Mapping[str, str] | None = None,
-                 input_name: str = "input"):
+                 input_name: str = "input", accumulate: str = "fp32"):
         super().__init__()
+        if accumulate not in ACCUMULATE:
+            raise BadInput(f"unknown accumulation {accumulate!r}: choose one of {', '.join(ACCUMULATE)} with --accumulate")
+        self.accumulate = accumulate
+        self.device = f"{MilRunner.device}, accumulate={accumulate}"
         self.path = Path(path)
         self.output_map = dict(output_map) if output_map else None
         self.input_name = input_name
@@ -517,7 +533,7 @@ class MilRunner(Runner):
         self.evaluator: MilEvaluator | None = None
 
     def _activate_impl(self) -> None:
-        self.evaluator = MilEvaluator.from_package(self.path)
+        self.evaluator = MilEvaluator.from_package(self.path, accumulate=self.accumulate)
         if self.output_map is None:
             self.output_map = {n: n for n in self.evaluator.output_names}
         missing = [v for v in self.output_map.values() if v not in self.evaluator.output_names]
