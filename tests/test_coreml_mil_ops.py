@@ -42,7 +42,7 @@ def run_op(ct, tmp_path):
 
     counter = itertools.count()
 
-    def _run(fn, *, precision="fp32", **inputs):
+    def _run(fn, *, precision="fp32", accumulate="fp32", **inputs):
         names = list(inputs)
         specs = [mb.TensorSpec(shape=np.asarray(v).shape, dtype=types.fp32) for v in inputs.values()]
 
@@ -57,7 +57,7 @@ def run_op(ct, tmp_path):
                                pass_pipeline=ct.PassPipeline.EMPTY)
         path = tmp_path / f"op{next(counter)}.mlpackage"
         model.save(str(path))
-        ev = MilEvaluator.from_package(path)
+        ev = MilEvaluator.from_package(path, accumulate=accumulate)
         out = ev.run({k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()})
         return [out[n] for n in ev.output_names], ev
 
@@ -380,3 +380,33 @@ def test_every_supported_op_has_a_test():
     tested_elsewhere = {"classify": "tests/test_coreml_export.py (classifier with a labels file)"}
     for op in SUPPORTED_OPS:
         assert op in tested_elsewhere or f"mb.{op}(" in source or f'"{op}"' in source, f"no test builds {op}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# accumulate="fp16": linear/matmul reductions keep an fp16 running sum over blocks of FP16_BLOCK terms
+# ---------------------------------------------------------------------------------------------------
+def _fp16_running_linear(x: np.ndarray, w: np.ndarray, block: int) -> np.ndarray:
+    """numpy reference: per block an exact (float64) partial sum, rounded to fp16, added to an fp16 total."""
+    x64, w64 = x.astype(np.float16).astype(np.float64), w.astype(np.float16).astype(np.float64)
+    acc = np.zeros((x.shape[0], w.shape[0]), dtype=np.float16)
+    for k in range(0, x.shape[1], block):
+        part = (x64[:, k:k + block] @ w64[:, k:k + block].T).astype(np.float16)
+        acc = (acc.astype(np.float32) + part.astype(np.float32)).astype(np.float16)
+    return acc.astype(np.float32)
+
+
+def test_linear_fp16_accumulation(run_op):
+    from nextvit_deploy.backends.coreml_mil import FP16_BLOCK
+
+    x, w = rnd(4, 512, scale=4.0), rnd(8, 512, seed=1)
+
+    def fn(mb, x):
+        y = mb.linear(x=mb.cast(x=x, dtype="fp16"), weight=w.astype(np.float16))
+        return mb.cast(x=y, dtype="fp32")
+
+    (harsh,), _ = run_op(fn, accumulate="fp16", x=x)
+    (kind,), _ = run_op(fn, accumulate="fp32", x=x)
+    want = _fp16_running_linear(x, w, FP16_BLOCK)
+    np.testing.assert_allclose(harsh, want, rtol=0, atol=np.abs(want).max() * 2 ** -10)  # one fp16 ulp
+    exact = (x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T)
+    assert np.abs(harsh - exact).max() > np.abs(kind - exact).max()  # the fp16 running sum is the harsher bound

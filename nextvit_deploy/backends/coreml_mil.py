@@ -203,7 +203,16 @@ def _conv(a: _Args) -> torch.Tensor:
     pads = _pads(a, x.shape[2:], w.shape[2:], strides, dilations)
     x = F.pad(x, _torch_pad(pads))
     fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    return fn(x, w, b, stride=strides, padding=0, dilation=dilations, groups=groups)
+    if not a.fp16 or x.dtype != torch.float16 or groups != 1:
+        return fn(x, w, b, stride=strides, padding=0, dilation=dilations, groups=groups)
+    # accumulate="fp16": input-channel blocks summed with an fp16 running sum (groups=1 convs only;
+    # grouped/depthwise convs reduce over few terms and are computed as one block)
+    x, w = x.float(), w.float()
+    parts = [fn(x[:, k], w[:, k], None, stride=strides, padding=0, dilation=dilations)
+             for k in _blocks(x.shape[1])]
+    if b is not None:
+        parts.append(b.float().reshape(1, -1, *[1] * nd).expand_as(parts[0]))
+    return _fp16_sum(parts)
 
 
 def _pool_out(size: int, before: int, after: int, k: int, s: int, ceil_mode: bool) -> int:
@@ -288,8 +297,30 @@ def _reshape(a: _Args) -> torch.Tensor:
     return x.reshape(shape)
 
 
+FP16_BLOCK = 32  # accumulate="fp16": reduction length summed in fp32 before each fp16-rounded running sum
+
+
+def _fp16_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Running sum of partial results with the accumulator rounded to fp16 after every add."""
+    acc = parts[0].to(torch.float16)
+    for p in parts[1:]:
+        acc = (acc.float() + p.to(torch.float16).float()).to(torch.float16)
+    return acc
+
+
+def _blocks(n: int) -> list[slice]:
+    return [slice(i, min(i + FP16_BLOCK, n)) for i in range(0, n, FP16_BLOCK)]
+
+
 def _linear(a: _Args) -> torch.Tensor:
-    return F.linear(a.tensor("x"), a.tensor("weight"), a.tensor("bias", optional=True))
+    x, w, b = a.tensor("x"), a.tensor("weight"), a.tensor("bias", optional=True)
+    if not a.fp16 or x.dtype != torch.float16:
+        return F.linear(x, w, b)
+    x, w = x.float(), w.float()
+    parts = [F.linear(x[..., k], w[:, k]) for k in _blocks(x.shape[-1])]
+    if b is not None:
+        parts.append(b.float().expand_as(parts[0]))
+    return _fp16_sum(parts)
 
 
 def _matmul(a: _Args) -> torch.Tensor:
@@ -301,7 +332,10 @@ def _matmul(a: _Args) -> torch.Tensor:
         x = x.transpose(-1, -2)
     if bool(a.const("transpose_y", False)):
         y = y.transpose(-1, -2)
-    return torch.matmul(x, y)
+    if not a.fp16 or x.dtype != torch.float16:
+        return torch.matmul(x, y)
+    x, y = x.float(), y.float()
+    return _fp16_sum([torch.matmul(x[..., k], y[..., k, :]) for k in _blocks(x.shape[-1])])
 
 
 def _softmax(a: _Args) -> torch.Tensor:
@@ -392,10 +426,11 @@ class MilEvaluator:
         program: a ``coremltools`` MIL Program (see :func:`load_program`).
         function: which function to run. Defaults to ``"main"``.
         accumulate: ``"fp32"`` (fp16 values are widened to fp32 for each op and the result is rounded
-            back to fp16: the kinder bound) or ``"fp16"`` (fp16 values stay fp16 inside each op, so
-            PyTorch's CPU half kernels compute them: closer to Core ML's fp16 GPU/Neural Engine
-            arithmetic, the harsher bound; kernels still pick their own internal accumulator, so this is
-            not a bit-exact model of Core ML). fp32 programs are unaffected. Defaults to ``"fp32"``.
+            back to fp16: the kinder bound) or ``"fp16"`` (the harsher bound, nearer Core ML's fp16
+            GPU/Neural Engine arithmetic: fp16 values stay fp16 in every op, and the reductions of
+            ``linear``, ``matmul`` and ungrouped ``conv`` keep an fp16 running sum over blocks of
+            :data:`FP16_BLOCK` terms; not a bit-exact model of any Core ML device). fp32 programs are
+            unaffected. Defaults to ``"fp32"``.
 
     Raises:
         UnsupportedMilOp: the function uses op types outside :data:`SUPPORTED_OPS` (all are named).
