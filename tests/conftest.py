@@ -86,7 +86,6 @@ HEAVY = (
     "test_fuzz.py::test_fuzz_manifest_fields",
     "test_onnx.py::test_dynamic_batch_runs_at_min_and_max",
     "test_coreml_export.py::test_small_export_verifies_on_linux[tensor-fp32-224]",
-    "test_coreml_export.py::test_small_export_verifies_on_linux[image-fp16-odd]",
     "test_coreml_export.py::test_small_export_verifies_on_linux[image-fp16-224-labels]",
     "test_int8.py::test_static_batch_calibrates_in_full_batches",
     "test_trt_builder.py::test_engine_built_outside_the_tool_is_identified_by_its_onnx_manifest",

@@ -115,8 +115,10 @@ def test_small_export_verifies_on_linux(out_dir, tmp_path, case):
     if art.features_only:
         assert art.output_names == ("feat_s4", "feat_s8", "feat_s16", "feat_s32")
     if kw.get("class_labels"):
-        assert art.details["output_map"] == {"logits": "classLabel_probs"}
-        assert art.details["op_counts"]["classify"] == 1
+        assert art.details["output_map"] == {"logits": "logits"}  # parity runs on the raw logits
+        assert art.details["classifier_scores"]["kind"] == "softmax probabilities"
+        assert art.details["op_counts"]["classify"] == 1 and art.details["op_counts"]["softmax"] >= 1
+        assert set(art.details["program_outputs"]) == {"classLabel", "classLabel_probs", "logits"}
         assert len(art.details["class_labels"]) == 1000
 
 
@@ -147,6 +149,31 @@ def test_classifier_evaluator_returns_labels_and_scores(out_dir):
     assert isinstance(scores, ClassScores) and scores.scores.shape == (1000,)
     assert out["classLabel"] == scores.classes[int(np.argmax(scores.scores))]
     assert out["classLabel"].startswith("class_")
+    # the score dictionary holds probabilities (softmax inside the model), the logits ride alongside
+    probs = scores.scores.astype(np.float64)
+    assert (probs >= 0).all() and abs(probs.sum() - 1.0) < 2e-3  # fp16 program: per-score rounding
+    logits = np.asarray(out["logits"], dtype=np.float64).reshape(-1)
+    assert logits.min() < 0 < logits.max()  # raw logits, not probabilities
+    expected = np.exp(logits - logits.max())
+    np.testing.assert_allclose(probs, expected / expected.sum(), atol=2e-3)
+    assert out["classLabel"] == scores.classes[int(np.argmax(logits))]
+
+
+def test_classifier_metadata(out_dir):
+    from nextvit_deploy._deps import import_coremltools
+
+    pkgs = sorted((out_dir / "image-fp16-224-labels").glob("*.mlpackage"))
+    if not pkgs:
+        pytest.skip("runs after test_small_export_verifies_on_linux[image-fp16-224-labels]")
+    model = import_coremltools().models.MLModel(str(pkgs[0]), skip_model_load=True)
+    meta = model.user_defined_metadata
+    assert meta["com.apple.coreml.model.preview.type"] == "imageClassifier"
+    assert model.license.startswith("Apache-2.0")
+    assert model.version == "nextvit_small@random-seed1"  # the model's version, not the exporter's
+    from nextvit_deploy import __version__
+
+    assert meta["nextvit.exporter_version"] == __version__
+    assert "probabilit" in model.output_description["classLabel_probs"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,3 +263,34 @@ def test_core_ml_on_macos_matches_the_evaluator(out_dir):  # pragma: no cover - 
     assert [r.device for r in reports] == ["Core ML (macOS, ALL)", "Core ML (macOS, CPU_AND_NE)",
                                            "Core ML (macOS, CPU_ONLY)"]
     assert all(r.stats.runs == 8 for r in reports)
+
+
+def test_verify_reports_both_fp16_bounds_and_names_unused_compute_units(out_dir):
+    """accumulate="fp16" keeps fp16 values in fp16 inside each op: a different (harsher) bound, still passing."""
+    from nextvit_deploy.verify import verify
+
+    pkgs = sorted((out_dir / "image-fp16-odd").glob("*.mlpackage"))
+    if not pkgs:
+        pytest.skip("runs after test_small_export_verifies_on_linux[image-fp16-odd]")
+    kind = verify(pkgs[0], max_batch=1, runner_options={"accumulate": "fp32"})
+    harsh = verify(pkgs[0], max_batch=1, runner_options={"accumulate": "fp16", "compute_units": "CPU_AND_NE"})
+    assert kind and harsh, harsh.to_dict()["worst"]
+    assert "accumulate=fp16" in harsh.candidate_device and "accumulate=fp32" in kind.candidate_device
+    if sys.platform != "darwin":
+        assert "CPU_AND_NE not used" in harsh.candidate_device
+    assert kind.worst()["max_abs"] != harsh.worst()["max_abs"]  # fp16 arithmetic really changes the numbers
+
+
+def test_accumulate_and_compute_units_are_checked(out_dir):
+    from nextvit_deploy.backends.coreml_mil import MilEvaluator
+    from nextvit_deploy.errors import BadInput
+
+    pkgs = sorted((out_dir / "image-fp16-odd").glob("*.mlpackage"))
+    if not pkgs:
+        pytest.skip("runs after test_small_export_verifies_on_linux[image-fp16-odd]")
+    with pytest.raises(BadInput, match="choose one of fp32, fp16"):
+        MilEvaluator.from_package(pkgs[0], accumulate="bf16")
+    from nextvit_deploy.verify import verify
+
+    with pytest.raises(BadInput, match="--compute-units"):
+        verify(pkgs[0], max_batch=1, runner_options={"compute_units": "GPU_ONLY"})

@@ -42,7 +42,7 @@ def run_op(ct, tmp_path):
 
     counter = itertools.count()
 
-    def _run(fn, *, precision="fp32", **inputs):
+    def _run(fn, *, precision="fp32", accumulate="fp32", **inputs):
         names = list(inputs)
         specs = [mb.TensorSpec(shape=np.asarray(v).shape, dtype=types.fp32) for v in inputs.values()]
 
@@ -57,7 +57,7 @@ def run_op(ct, tmp_path):
                                pass_pipeline=ct.PassPipeline.EMPTY)
         path = tmp_path / f"op{next(counter)}.mlpackage"
         model.save(str(path))
-        ev = MilEvaluator.from_package(path)
+        ev = MilEvaluator.from_package(path, accumulate=accumulate)
         out = ev.run({k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()})
         return [out[n] for n in ev.output_names], ev
 
@@ -120,6 +120,33 @@ def test_conv1d(run_op):
 # ---------------------------------------------------------------------------------------------------
 # average pooling: 1-D and 2-D, ceil mode with and without counting padding, explicit paddings
 # ---------------------------------------------------------------------------------------------------
+def _coreml_avg_pool2d(x: np.ndarray, k: int, s: int, pad: int, *, exclude: bool) -> np.ndarray:
+    """Independent numpy reference for Core ML's ceil-mode average pool (apple/coremltools#2772).
+
+    Output size: MIL's ceil rule (a last window that starts inside the right padding is dropped).
+    Divisor: the input cells under the window when padding is excluded; otherwise the whole window,
+    k * k, *including* cells a ceil-mode window hangs past the explicit padding (Core ML counts them,
+    PyTorch does not; the report shows Core ML's values).
+    """
+    n, c, h, w = x.shape
+
+    def out_size(size: int) -> int:
+        o = -(-(size + 2 * pad - k) // s) + 1
+        return o - 1 if (o - 1) * s >= size + pad and pad > 0 else o
+
+    oh, ow = out_size(h), out_size(w)
+    y = np.zeros((n, c, oh, ow), dtype=np.float64)
+    for i in range(oh):
+        for j in range(ow):
+            r0, c0 = i * s - pad, j * s - pad
+            rows = slice(max(r0, 0), min(r0 + k, h))
+            cols = slice(max(c0, 0), min(c0 + k, w))
+            total = x[:, :, rows, cols].astype(np.float64).sum(axis=(2, 3))
+            cells = (rows.stop - rows.start) * (cols.stop - cols.start)
+            y[:, :, i, j] = total / (cells if exclude else k * k)
+    return y
+
+
 @pytest.mark.parametrize("exclude", [True, False])
 @pytest.mark.parametrize("size,pad", [((7, 9), 0), ((7, 9), 1), ((13, 13), 0), ((5, 6), 1)])
 def test_avg_pool2d_ceil_mode(run_op, exclude, size, pad):
@@ -127,8 +154,13 @@ def test_avg_pool2d_ceil_mode(run_op, exclude, size, pad):
     (y,), _ = run_op(lambda mb, x: mb.avg_pool(x=x, kernel_sizes=[2, 2], strides=[2, 2], pad_type="custom",
                                                pad=[pad] * 4, ceil_mode=True, exclude_padding_from_average=exclude),
                      x=x)
-    want = F.avg_pool2d(t(x), 2, 2, padding=pad, ceil_mode=True, count_include_pad=not exclude)
-    close(y, want)
+    close(y, _coreml_avg_pool2d(x, 2, 2, pad, exclude=exclude))
+    torch_rule = F.avg_pool2d(t(x), 2, 2, padding=pad, ceil_mode=True, count_include_pad=not exclude).numpy()
+    overhang = any((o - 1) * 2 + 2 > n + 2 * pad for o, n in zip(np.asarray(y).shape[2:], size))
+    if exclude or not overhang:  # the rules agree (Next-ViT's case: count_include_pad=False)
+        close(y, torch_rule)
+    else:  # coremltools#2772: Core ML divides the overhanging windows by k*k, PyTorch by fewer cells
+        assert not np.allclose(np.asarray(y), torch_rule, atol=1e-4)
 
 
 def test_avg_pool2d_ceil_mode_kernel3(run_op):
@@ -139,7 +171,7 @@ def test_avg_pool2d_ceil_mode_kernel3(run_op):
                                ceil_mode=True, exclude_padding_from_average=exclude)
 
         (y,), _ = run_op(pool, x=x)
-        close(y, F.avg_pool2d(t(x), 3, 2, padding=1, ceil_mode=True, count_include_pad=not exclude))
+        close(y, _coreml_avg_pool2d(x, 3, 2, 1, exclude=exclude))
 
 
 @pytest.mark.parametrize("length,kernel,ceil", [(50, 16, False), (49, 4, False), (49, 4, True), (64, 64, False)])
@@ -148,7 +180,10 @@ def test_avg_pool1d(run_op, length, kernel, ceil):
     x = rnd(2, 8, length)
     (y,), _ = run_op(lambda mb, x: mb.avg_pool(x=x, kernel_sizes=[kernel], strides=[kernel], pad_type="valid",
                                                ceil_mode=ceil), x=x)
-    close(y, F.avg_pool1d(t(x), kernel, kernel, ceil_mode=ceil))
+    # exclude_padding_from_average defaults to False: Core ML divides a ceil-mode window hanging past
+    # the end by the full kernel (apple/coremltools#2772), i.e. the overhang counts as zeros
+    over = (-(-length // kernel)) * kernel - length if ceil else 0
+    close(y, F.avg_pool1d(F.pad(t(x), (0, over)), kernel, kernel))
 
 
 @pytest.mark.parametrize("exclude", [True, False])
@@ -345,3 +380,33 @@ def test_every_supported_op_has_a_test():
     tested_elsewhere = {"classify": "tests/test_coreml_export.py (classifier with a labels file)"}
     for op in SUPPORTED_OPS:
         assert op in tested_elsewhere or f"mb.{op}(" in source or f'"{op}"' in source, f"no test builds {op}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# accumulate="fp16": linear/matmul reductions keep an fp16 running sum over blocks of FP16_BLOCK terms
+# ---------------------------------------------------------------------------------------------------
+def _fp16_running_linear(x: np.ndarray, w: np.ndarray, block: int) -> np.ndarray:
+    """numpy reference: per block an exact (float64) partial sum, rounded to fp16, added to an fp16 total."""
+    x64, w64 = x.astype(np.float16).astype(np.float64), w.astype(np.float16).astype(np.float64)
+    acc = np.zeros((x.shape[0], w.shape[0]), dtype=np.float16)
+    for k in range(0, x.shape[1], block):
+        part = (x64[:, k:k + block] @ w64[:, k:k + block].T).astype(np.float16)
+        acc = (acc.astype(np.float32) + part.astype(np.float32)).astype(np.float16)
+    return acc.astype(np.float32)
+
+
+def test_linear_fp16_accumulation(run_op):
+    from nextvit_deploy.backends.coreml_mil import FP16_BLOCK
+
+    x, w = rnd(4, 512, scale=4.0), rnd(8, 512, seed=1)
+
+    def fn(mb, x):
+        y = mb.linear(x=mb.cast(x=x, dtype="fp16"), weight=w.astype(np.float16))
+        return mb.cast(x=y, dtype="fp32")
+
+    (harsh,), _ = run_op(fn, accumulate="fp16", x=x)
+    (kind,), _ = run_op(fn, accumulate="fp32", x=x)
+    want = _fp16_running_linear(x, w, FP16_BLOCK)
+    np.testing.assert_allclose(harsh, want, rtol=0, atol=np.abs(want).max() * 2 ** -10)  # one fp16 ulp
+    exact = (x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T)
+    assert np.abs(harsh - exact).max() > np.abs(kind - exact).max()  # the fp16 running sum is the harsher bound

@@ -122,27 +122,44 @@ class CoreMLRunner(Runner):
         return out
 
 
-def runner_for_artifact(artifact, *, compute_units: str = "ALL", backend: str = "auto") -> Runner:
+def runner_for_artifact(artifact, *, compute_units: str | None = None, backend: str = "auto",
+                        accumulate: str | None = None) -> Runner:
     """The runner ``verify``/``bench`` use for a ``.mlpackage`` artifact (``TARGETS['coreml'].runner``).
 
     Args:
         artifact: the loaded :class:`~nextvit_deploy.artifact.Artifact`.
-        compute_units: Core ML compute units on macOS. Defaults to ``"ALL"``.
+        compute_units: Core ML compute units (macOS only: Core ML is what uses them). Off macOS the MIL
+            evaluator runs instead and the runner's device string says the units were not used.
+            Defaults to ``"ALL"``.
         backend: ``"auto"`` (Core ML on macOS, MIL evaluator elsewhere), ``"coreml"`` or ``"mil"``.
             Defaults to ``"auto"``.
+        accumulate: the MIL evaluator's fp16 arithmetic, ``"fp32"`` or ``"fp16"`` (see
+            :class:`~nextvit_deploy.backends.coreml_mil.MilEvaluator`); Core ML picks its own. Defaults to
+            ``"fp32"``.
     """
     if backend not in ("auto", "coreml", "mil"):
         raise BadInput(f"unknown Core ML backend {backend!r}: choose auto, coreml or mil")
+    if compute_units is not None and str(compute_units).upper() not in COMPUTE_UNITS:
+        raise BadInput(f"unknown Core ML compute units {compute_units!r}: choose one of {', '.join(COMPUTE_UNITS)} "
+                       "with --compute-units")
     use_coreml = backend == "coreml" or (backend == "auto" and _is_macos())
     if use_coreml:
+        if accumulate not in (None, "fp32"):
+            raise BadInput("--accumulate chooses the MIL evaluator's arithmetic, but Core ML runs this package "
+                           "(macOS): drop --accumulate, or pick the evaluator with its backend option")
         _require_macos("running a Core ML package with Core ML")
-        return CoreMLRunner(artifact.path, compute_units=compute_units,
+        return CoreMLRunner(artifact.path, compute_units=str(compute_units or "ALL").upper(),
                             input_kind=artifact.preprocessing.get("input_kind", "tensor"),
                             input_shape=artifact.input_shape, output_map=_output_map(artifact),
                             class_labels=artifact.details.get("class_labels"))
     from .coreml_mil import MilRunner
 
-    return MilRunner(artifact.path, output_map=_output_map(artifact), input_name=artifact.input_name)
+    runner = MilRunner(artifact.path, output_map=_output_map(artifact), input_name=artifact.input_name,
+                       accumulate=accumulate or "fp32")
+    if compute_units is not None:
+        runner.device += (f"; compute units {str(compute_units).upper()} not used: only Core ML (macOS) "
+                          "places work on compute units")
+    return runner
 
 
 def trimmed(samples_ms: Sequence[float], *, trim: float) -> list[float]:

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArtifactError, DeployError
+from ..errors import ArtifactError, BadInput, DeployError
 from .base import Runner, TensorSpec
 
-__all__ = ["SUPPORTED_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program"]
+ACCUMULATE = ("fp32", "fp16")
+__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program"]
 
 
 class UnsupportedMilOp(DeployError):
@@ -96,9 +97,10 @@ def _dtype_name(var) -> str | None:
 class _Args:
     """An op's inputs as the handlers see them: tensors (float32 for compute) and constant parameters."""
 
-    def __init__(self, op, env: Mapping[str, Any]):
+    def __init__(self, op, env: Mapping[str, Any], *, fp16: bool = False):
         self.op = op
         self.env = env
+        self.fp16 = fp16  # accumulate="fp16": fp16 values stay fp16 while computing
 
     def has(self, name: str) -> bool:
         return self.op.inputs.get(name) is not None
@@ -121,10 +123,10 @@ class _Args:
             if optional:
                 return None
             raise DeployError(f"internal: MIL op {self.op.op_type} '{self.op.name}' has no input {name!r}")
-        return _compute_form(self.raw(name))
+        return _compute_form(self.raw(name), fp16=self.fp16)
 
     def tensors(self, name: str) -> list[torch.Tensor]:
-        return [_compute_form(v) for v in self.raw(name)]
+        return [_compute_form(v, fp16=self.fp16) for v in self.raw(name)]
 
     def const(self, name: str, default: Any = None) -> Any:
         """A parameter as a Python/numpy value (``default`` when the op does not set it)."""
@@ -147,9 +149,11 @@ class _Args:
                                "does not implement: verify this package on macOS with Core ML instead")
 
 
-def _compute_form(value: Any) -> torch.Tensor:
+def _compute_form(value: Any, *, fp16: bool = False) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         value = torch.as_tensor(np.asarray(value))
+    if fp16 and value.dtype == torch.float16:
+        return value
     return value.float() if value.is_floating_point() else value
 
 
@@ -205,7 +209,16 @@ def _conv(a: _Args) -> torch.Tensor:
     pads = _pads(a, x.shape[2:], w.shape[2:], strides, dilations)
     x = F.pad(x, _torch_pad(pads))
     fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    return fn(x, w, b, stride=strides, padding=0, dilation=dilations, groups=groups)
+    if not a.fp16 or x.dtype != torch.float16 or groups != 1:
+        return fn(x, w, b, stride=strides, padding=0, dilation=dilations, groups=groups)
+    # accumulate="fp16": input-channel blocks summed with an fp16 running sum (groups=1 convs only;
+    # grouped/depthwise convs reduce over few terms and are computed as one block)
+    x, w = x.float(), w.float()
+    parts = [fn(x[:, k], w[:, k], None, stride=strides, padding=0, dilation=dilations)
+             for k in _blocks(x.shape[1])]
+    if b is not None:
+        parts.append(b.float().reshape(1, -1, *[1] * nd).expand_as(parts[0]))
+    return _fp16_sum(parts)
 
 
 def _pool_out(size: int, before: int, after: int, k: int, s: int, ceil_mode: bool) -> int:
@@ -220,9 +233,10 @@ def _pool_out(size: int, before: int, after: int, k: int, s: int, ceil_mode: boo
 
 
 def _avg_pool(a: _Args) -> torch.Tensor:
-    """Average pooling, 1-D/2-D/3-D. The divisor counts input cells, plus explicit padding unless
-    ``exclude_padding_from_average``; cells a ceil-mode window reaches past the explicit padding are
-    never counted (PyTorch's ``avg_pool`` rule, which coremltools' converter maps onto)."""
+    """Average pooling, 1-D/2-D/3-D, with Core ML's divisor. With ``exclude_padding_from_average`` it
+    counts the input cells under the window. Without it, Core ML divides by the whole window, counting
+    explicit padding *and* the cells a ceil-mode window hangs past it (apple/coremltools#2772); PyTorch's
+    ``count_include_pad=True`` leaves the overhang out, so the two disagree there and this follows Core ML."""
     x = a.tensor("x")
     kernel = list(a.const("kernel_sizes"))
     nd = len(kernel)
@@ -244,8 +258,8 @@ def _avg_pool(a: _Args) -> torch.Tensor:
     counted = torch.ones([1, 1, *spatial], dtype=x.dtype)
     if exclude:
         counted = F.pad(counted, _torch_pad(full))
-    else:  # explicit padding counts, the ceil overhang does not
-        counted = F.pad(F.pad(counted, _torch_pad(pads), value=1.0), _torch_pad([(0, e) for e in extra]))
+    else:  # Core ML: explicit padding and the ceil overhang both count (coremltools#2772)
+        counted = F.pad(counted, _torch_pad(full), value=1.0)
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
     mean_full = pool(xp, kernel, strides, padding=0, ceil_mode=False, count_include_pad=True)
     frac = pool(counted, kernel, strides, padding=0, ceil_mode=False, count_include_pad=True)
@@ -289,8 +303,30 @@ def _reshape(a: _Args) -> torch.Tensor:
     return x.reshape(shape)
 
 
+FP16_BLOCK = 32  # accumulate="fp16": reduction length summed in fp32 before each fp16-rounded running sum
+
+
+def _fp16_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Running sum of partial results with the accumulator rounded to fp16 after every add."""
+    acc = parts[0].to(torch.float16)
+    for p in parts[1:]:
+        acc = (acc.float() + p.to(torch.float16).float()).to(torch.float16)
+    return acc
+
+
+def _blocks(n: int) -> list[slice]:
+    return [slice(i, min(i + FP16_BLOCK, n)) for i in range(0, n, FP16_BLOCK)]
+
+
 def _linear(a: _Args) -> torch.Tensor:
-    return F.linear(a.tensor("x"), a.tensor("weight"), a.tensor("bias", optional=True))
+    x, w, b = a.tensor("x"), a.tensor("weight"), a.tensor("bias", optional=True)
+    if not a.fp16 or x.dtype != torch.float16:
+        return F.linear(x, w, b)
+    x, w = x.float(), w.float()
+    parts = [F.linear(x[..., k], w[:, k]) for k in _blocks(x.shape[-1])]
+    if b is not None:
+        parts.append(b.float().expand_as(parts[0]))
+    return _fp16_sum(parts)
 
 
 def _matmul(a: _Args) -> torch.Tensor:
@@ -302,7 +338,10 @@ def _matmul(a: _Args) -> torch.Tensor:
         x = x.transpose(-1, -2)
     if bool(a.const("transpose_y", False)):
         y = y.transpose(-1, -2)
-    return torch.matmul(x, y)
+    if not a.fp16 or x.dtype != torch.float16:
+        return torch.matmul(x, y)
+    x, y = x.float(), y.float()
+    return _fp16_sum([torch.matmul(x[..., k], y[..., k, :]) for k in _blocks(x.shape[-1])])
 
 
 def _softmax(a: _Args) -> torch.Tensor:
@@ -392,12 +431,21 @@ class MilEvaluator:
     Args:
         program: a ``coremltools`` MIL Program (see :func:`load_program`).
         function: which function to run. Defaults to ``"main"``.
+        accumulate: ``"fp32"`` (fp16 values are widened to fp32 for each op and the result is rounded
+            back to fp16: the kinder bound) or ``"fp16"`` (the harsher bound, nearer Core ML's fp16
+            GPU/Neural Engine arithmetic: fp16 values stay fp16 in every op, and the reductions of
+            ``linear``, ``matmul`` and ungrouped ``conv`` keep an fp16 running sum over blocks of
+            :data:`FP16_BLOCK` terms; not a bit-exact model of any Core ML device). fp32 programs are
+            unaffected. Defaults to ``"fp32"``.
 
     Raises:
         UnsupportedMilOp: the function uses op types outside :data:`SUPPORTED_OPS` (all are named).
     """
 
-    def __init__(self, program, *, function: str = "main"):
+    def __init__(self, program, *, function: str = "main", accumulate: str = "fp32"):
+        if accumulate not in ACCUMULATE:
+            raise BadInput(f"unknown accumulation {accumulate!r}: choose one of {', '.join(ACCUMULATE)} with --accumulate")
+        self.accumulate = accumulate
         if function not in program.functions:
             raise ArtifactError(f"the ML Program has no function {function!r} (it has {sorted(program.functions)})")
         func = program.functions[function]
@@ -418,8 +466,8 @@ class MilEvaluator:
         self._last_use = self._liveness(func)
 
     @classmethod
-    def from_package(cls, path: str | Path, *, function: str = "main") -> MilEvaluator:
-        return cls(load_program(path), function=function)
+    def from_package(cls, path: str | Path, *, function: str = "main", accumulate: str = "fp32") -> MilEvaluator:
+        return cls(load_program(path), function=function, accumulate=accumulate)
 
     def op_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(op.op_type for op in self.ops).items()))
@@ -456,7 +504,7 @@ class MilEvaluator:
             for i, op in enumerate(self.ops):
                 if op.op_type == "const":
                     continue
-                result = SUPPORTED_OPS[op.op_type](_Args(op, env))
+                result = SUPPORTED_OPS[op.op_type](_Args(op, env, fp16=self.accumulate == "fp16"))
                 results = result if isinstance(result, tuple) else (result,)
                 if len(results) != len(op.outputs):
                     raise DeployError(f"internal: MIL op {op.op_type} '{op.name}' gave {len(results)} outputs, "
@@ -513,8 +561,12 @@ class MilRunner(Runner):
     device = f"MIL evaluator (numpy/PyTorch CPU on {sys.platform}, fp16 values rounded per op; not Core ML)"
 
     def __init__(self, path: str | Path, *, output_map: Mapping[str, str] | None = None,
-                 input_name: str = "input"):
+                 input_name: str = "input", accumulate: str = "fp32"):
         super().__init__()
+        if accumulate not in ACCUMULATE:
+            raise BadInput(f"unknown accumulation {accumulate!r}: choose one of {', '.join(ACCUMULATE)} with --accumulate")
+        self.accumulate = accumulate
+        self.device = f"{MilRunner.device}, accumulate={accumulate}"
         self.path = Path(path)
         self.output_map: dict[str, str] = dict(output_map) if output_map else {}  # {}: the program's outputs
         self.input_name = input_name
@@ -528,7 +580,7 @@ class MilRunner(Runner):
         return self.evaluator
 
     def _activate_impl(self) -> None:
-        self.evaluator = MilEvaluator.from_package(self.path)
+        self.evaluator = MilEvaluator.from_package(self.path, accumulate=self.accumulate)
         if not self.output_map:
             self.output_map = {n: n for n in self.evaluator.output_names}
         missing = [v for v in self.output_map.values() if v not in self.evaluator.output_names]

@@ -16,9 +16,9 @@ Input kinds:
 Inputs and outputs are float32 at the model's interface in both precisions (an fp16 program casts at
 its boundaries), the batch is fixed at export time, and outputs are named ``logits`` or
 ``feat_s4..feat_s32`` like every other artifact. With a class-labels file the classifier becomes a Core
-ML classifier (``classLabel`` plus a score dictionary ``classLabel_probs``); the scores are the model's
-logits (no softmax is added, so parity is checked on the same numbers), and the manifest records the
-name mapping.
+ML classifier: ``classLabel`` plus a score dictionary ``classLabel_probs`` that holds *probabilities*
+(a softmax inside the model, since Vision hands these scores to apps as confidences), and the raw
+``logits`` as a third output, which is what parity is checked on; the manifest records the mapping.
 
 Workaround for coremltools 9.0 with torch 2.14 / numpy 2.4: a traced ``reshape(b, c, h * w)`` leaves
 ``aten::size -> prim::NumToTensor -> aten::mul -> aten::Int`` in the TorchScript graph, and
@@ -59,7 +59,11 @@ __all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "pars
 INPUT_KINDS = ("tensor", "image")
 CLASSIFIER_LABEL_OUTPUT = "classLabel"
 CLASSIFIER_SCORES_OUTPUT = "classLabel_probs"  # coremltools names the score dictionary <label output>_probs
+PROBABILITIES = "probabilities"  # the softmax the classify op reads (not a package output itself)
 AUTHOR = "nextvit-deploy"
+LICENSE = ("Apache-2.0 (Next-ViT architecture and nextvit-deploy); trained weights carry their checkpoint's "
+           "own terms")
+PREVIEW_TYPE_KEY = "com.apple.coreml.model.preview.type"  # Xcode's model preview: an image classifier
 
 
 @contextlib.contextmanager
@@ -80,15 +84,21 @@ class CoreMLWrapper(nn.Module):
             ``pixel * (1 / (255 * std)) + (-mean / std)``, which equals ``(pixel / 255 - mean) / std``.
         mean: per-channel mean in [0, 1] units. Defaults to none (required with ``image_input``).
         std: per-channel std in [0, 1] units. Defaults to none (required with ``image_input``).
+        probabilities: a classifier returns ``(softmax(logits), logits)`` (what a Core ML classifier
+            declares as probabilities, plus the raw logits for parity). Defaults to False (logits only).
 
     Backbone outputs (a list) are returned as a tuple so tracing names four outputs.
     """
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, model: nn.Module, *, image_input: bool, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+                 std: Sequence[float] | None = None, probabilities: bool = False):
         super().__init__()
         self.model = model
         self.image_input = image_input
+        self.probabilities = probabilities
         if image_input:
             if mean is None or std is None:
                 raise ValueError("image_input needs mean and std")
@@ -101,6 +111,8 @@ class CoreMLWrapper(nn.Module):
         if self.image_input:
             x = x * self.scale + self.shift
         out = self.model(x)
+        if self.probabilities:
+            return torch.softmax(out, dim=-1), out
         return tuple(out) if isinstance(out, (list, tuple)) else out
 
 
@@ -111,7 +123,7 @@ def freeze_traced_shapes(traced: torch.jit.ScriptModule) -> int:
     Only valid for static shapes (the Core ML export fixes batch and image size). Returns how many
     size queries were replaced. See the module docstring for why (coremltools' ``int`` converter).
     """
-    graph = traced.graph
+    graph: Any = traced.graph  # torch._C.Graph: its stubs lack findAllNodes/insertConstant
     torch._C._jit_pass_inline(graph)
     replaced = 0
     for node in list(graph.findAllNodes("aten::size")):
@@ -142,6 +154,32 @@ def conversion_pipeline(ct):
     """
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(["common::fuse_elementwise_to_batchnorm"])
+    return pipeline
+
+
+_CLASSIFIER_PASS = "nextvit::drop_declared_output_types"
+
+
+def classifier_pipeline(ct):
+    """:func:`conversion_pipeline` plus a last pass that forgets the declared output types.
+
+    coremltools 9's backend indexes the declared output types by the *final* output position after it
+    prepends ``classLabel``/``classLabel_probs``, so a classifier with a second tensor output (our raw
+    logits) overruns the list (IndexError in ``get_func_output``). By the end of the pipeline names and
+    float32 output casts are already in place, so dropping the list changes nothing else.
+    """
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
+
+    if _CLASSIFIER_PASS not in PASS_REGISTRY:
+        @register_pass(namespace="nextvit")
+        class drop_declared_output_types(AbstractGraphPass):  # noqa: N801 - coremltools names passes so
+            def apply(self, prog):
+                for func in prog.functions.values():
+                    func.output_types = None
+
+    pipeline = conversion_pipeline(ct)
+    pipeline.append_pass(_CLASSIFIER_PASS)
     return pipeline
 
 
@@ -214,6 +252,22 @@ def _program_facts(package: Path) -> dict[str, Any]:
             "program_outputs": [v.name for v in func.outputs]}
 
 
+def _rename_output(ct, mlmodel, name: str):
+    """Name a classifier's one tensor output (the logits next to classLabel/classLabel_probs) ``name``."""
+    spec = mlmodel.get_spec()
+    others = [o.name for o in spec.description.output
+              if o.name not in (CLASSIFIER_LABEL_OUTPUT, CLASSIFIER_SCORES_OUTPUT)]
+    if len(others) != 1:
+        raise DeployError(f"internal: expected one logits output next to the classifier's, got {others}")
+    if spec.description.output[[o.name for o in spec.description.output].index(others[0])].type.multiArrayType \
+            .dataType != ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32:
+        raise DeployError("internal: the classifier's logits output is not float32")
+    if others[0] == name:
+        return mlmodel
+    ct.utils.rename_feature(spec, others[0], name)
+    return ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
+
+
 def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Artifact:
     """``nextvit-deploy export --target coreml``: an ML Program package plus its manifest.
 
@@ -241,10 +295,12 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     fused = build_deploy_model(req, progress=progress)
     labels = None
     if req.class_labels is not None:
-        labels = read_class_labels(req.class_labels, num_classes=fused.model.head.fc.out_features)
+        net: Any = fused.model  # a NextViT classifier (mypy sees nn.Module attributes as Tensor | Module)
+        labels = read_class_labels(req.class_labels, num_classes=net.head.fc.out_features)
     pre = preprocessing_for(req.variant, input_kind=req.input_kind)
     image_input = req.input_kind == "image"
-    wrapper = CoreMLWrapper(fused.model, image_input=image_input, mean=pre["mean"], std=pre["std"]).eval()
+    wrapper = CoreMLWrapper(fused.model, image_input=image_input, mean=pre["mean"], std=pre["std"],
+                            probabilities=labels is not None).eval()
 
     h, w = req.image_size
     shape = (req.batch[1], 3, h, w)
@@ -271,16 +327,20 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     classifier = None
     outputs = [ct.TensorType(name=n, dtype=np.float32) for n in names]
     if labels is not None:
+        # Traced outputs: (softmax, logits); classify consumes the softmax (see classifier_pipeline).
+        outputs = [ct.TensorType(name=PROBABILITIES, dtype=np.float32), *outputs]
         classifier = ct.ClassifierConfig(labels, predicted_feature_name=CLASSIFIER_LABEL_OUTPUT,
-                                         predicted_probabilities_output=names[0])
+                                         predicted_probabilities_output=PROBABILITIES)
     progress(f"converting to an ML Program ({req.precision}, minimum target {target.name})")
     started = time.perf_counter()
     with _quiet_conversion():
         mlmodel = ct.convert(traced, source="pytorch", inputs=[ct_input], outputs=outputs,
                              classifier_config=classifier, convert_to="mlprogram", compute_precision=precision,
                              minimum_deployment_target=target, skip_model_load=True,
-                             pass_pipeline=conversion_pipeline(ct))
+                             pass_pipeline=conversion_pipeline(ct) if labels is None else classifier_pipeline(ct))
     convert_s = time.perf_counter() - started
+    if labels is not None:
+        mlmodel = _rename_output(ct, mlmodel, names[0])
 
     versions = tool_versions("coremltools")
     mlmodel.author = AUTHOR
@@ -288,7 +348,10 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     takes = ("RGB image input 0..255 (ImageNet normalisation inside)" if image_input
              else "normalised float32 NCHW input")
     mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {req.precision}, {h}x{w}, {takes}"
-    mlmodel.version = __version__
+    model_version = f"{req.variant}@" + (f"sha256:{req.checkpoint_sha256[:12]}" if req.checkpoint_sha256
+                                         else f"random-seed{req.seed}")
+    mlmodel.version = model_version  # the model's version (weights); the exporter's is nextvit.exporter_version
+    mlmodel.license = LICENSE
     meta = mlmodel.user_defined_metadata
     meta["nextvit.variant"] = req.variant
     meta["nextvit.precision"] = req.precision
@@ -296,20 +359,24 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     meta["nextvit.checkpoint_sha256"] = req.checkpoint_sha256 or f"none (random weights, seed {req.seed})"
     meta["nextvit.toolchain"] = json.dumps(versions, sort_keys=True)
     meta["nextvit.features_only"] = str(bool(req.features_only)).lower()
+    meta["nextvit.exporter_version"] = __version__
+    if labels is not None:
+        meta[PREVIEW_TYPE_KEY] = "imageClassifier"
     mlmodel.input_description["input"] = (
         f"RGB image {w}x{h}, pixels 0..255 (normalised inside with ImageNet mean/std)" if image_input
         else f"float32 {'x'.join(map(str, shape))} NCHW, normalised: (pixel/255 - mean) / std, "
              f"mean={pre['mean']}, std={pre['std']}")
     if labels is not None:
         mlmodel.output_description[CLASSIFIER_LABEL_OUTPUT] = "most likely class label"
-        mlmodel.output_description[CLASSIFIER_SCORES_OUTPUT] = "logit per class label (no softmax)"
+        mlmodel.output_description[CLASSIFIER_SCORES_OUTPUT] = "probability per class label (softmax; sums to 1)"
+        mlmodel.output_description[names[0]] = "raw class logits (before the softmax), for parity checks"
     else:
         for n, red in zip(names, (4, 8, 16, 32)):
             mlmodel.output_description[n] = ("class logits (no softmax)" if n == "logits"
                                               else f"stage feature map, stride {red}")
 
     final = req.output_path()
-    output_map = {names[0]: CLASSIFIER_SCORES_OUTPUT} if labels is not None else {n: n for n in names}
+    output_map = {n: n for n in names}  # a classifier's logits are a program output of their own
     with export_stage(req, final, kind="dir") as stage:
         tmp = stage.path
         progress(f"saving {final.name}")
@@ -327,12 +394,17 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             "coreml_input": "ImageType RGB scale=1 bias=0" if image_input else "TensorType float32",
             "output_map": output_map,  # artifact output name -> Core ML output name
             "class_labels": labels,
+            "classifier_scores": ({"output": CLASSIFIER_SCORES_OUTPUT, "kind": "softmax probabilities",
+                                   "label_output": CLASSIFIER_LABEL_OUTPUT, "parity_output": names[0]}
+                                  if labels is not None else None),
             "fused_batchnorms": fused.folded,
             "traced_sizes_frozen": sizes_frozen,
             "converter": "torch.jit.trace + coremltools.convert",
             "removed_passes": ["common::fuse_elementwise_to_batchnorm"],
             "convert_seconds": round(convert_s, 1),
-            "metadata": {"author": AUTHOR, "version": __version__, "short_description": mlmodel.short_description},
+            "metadata": {"author": AUTHOR, "version": model_version, "exporter_version": __version__,
+                         "license": LICENSE, "short_description": mlmodel.short_description,
+                         **({PREVIEW_TYPE_KEY: "imageClassifier"} if labels is not None else {})},
             **facts,
         }
         return stage.publish(details, target="coreml", extra_versions=("coremltools",), opset=None)
