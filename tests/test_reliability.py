@@ -457,7 +457,7 @@ def test_10_ctrl_c_inside_a_native_import_is_deferred_until_it_finishes(tmp_path
     (["--models", ""], r"--models is empty: name at least one"),
     (["--backends", " , "], r"--backends is empty"),
     (["--image-size", "8"], r"image size 8x8 is too small"),
-    (["--batch", "0"], r"--batch must be 1 to 256, got 0"),
+    (["--batch", "0"], r"--batch must be at least 1, got 0: use 8, 1:8"),  # the shared --batch parser
     (["--task", "seg"], r"unknown --task 'seg'"),
     (["--duration", "-1"], r"--duration must be 0 or more"),
     (["--iters", "0", "--models", "nextvit_small", "--backends", "onnxruntime"], r"--iters must be at least 1"),
@@ -491,7 +491,7 @@ def test_10_calibration_folder_checked_before_the_fp32_export(tmp_path, monkeypa
     (["expor"], r"^error: No such command 'expor'. Did you mean 'export'\?"),
     (["verify"], r"^error: Missing argument 'ARTIFACT'|^error: Missing argument 'artifact'"),
     (["export", "--batch"], r"^error: Option '--batch' requires an argument"),
-    (["bench", "--batch", "x"], r"^error: Invalid value for '--batch'"),
+    (["bench", "--batch", "x"], r"^error: --batch 'x' is not a number or a range: use 8"),  # shared with export
 ])
 def test_10_usage_errors_are_one_line(args, pattern):
     one_line_error(run(*args), pattern)
