@@ -90,6 +90,15 @@ HEAVY = (
     "test_int8.py::test_static_batch_calibrates_in_full_batches",
     "test_trt_builder.py::test_engine_built_outside_the_tool_is_identified_by_its_onnx_manifest",
     "test_precision.py::test_small_fp16_onnx_export_verifies",
+    "test_eval.py::test_cli_max_drop_exceeded_exits_1",
+    "test_hub.py::test_export_offline_from_the_cache_records_the_hub_and_verify_rebuilds_it",
+    "test_hub.py::test_verify_re_resolves_the_recorded_commit_when_the_path_is_gone",
+    "test_coreml_export.py::test_small_export_verifies_on_linux[image-fp32-backbone-odd]",
+    "test_coreml_export.py::test_small_export_verifies_on_linux[tensor-fp16-backbone-odd-batch2]",
+    # they read the packages of the heavy Core ML cases above (in the full suite they run after them)
+    "test_coreml_export.py::test_classifier_evaluator_returns_labels_and_scores",
+    "test_coreml_export.py::test_classifier_metadata",
+    "test_coreml_export.py::test_linux_uses_the_mil_evaluator_and_refuses_core_ml",
 )
 
 
