@@ -99,6 +99,7 @@ HEAVY = (
     "test_coreml_export.py::test_classifier_evaluator_returns_labels_and_scores",
     "test_coreml_export.py::test_classifier_metadata",
     "test_coreml_export.py::test_linux_uses_the_mil_evaluator_and_refuses_core_ml",
+    "test_coreml_export.py::test_odd_resolution_pools_with_ceil_mode",
 )
 
 
