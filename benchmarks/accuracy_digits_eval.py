@@ -177,11 +177,9 @@ def run(*, short: bool = False, work: Path | None = None, log: Callable[[str], N
 
 
 def _cpu_flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "none"
+    from nextvit_deploy.cpuinfo import cpu_flags
+
+    return " ".join(cpu_flags()) or "none"
 
 
 def markdown(res: dict[str, Any]) -> str:

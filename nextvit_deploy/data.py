@@ -19,6 +19,8 @@ from .errors import BadInput
 from .preprocess import MAX_ASPECT, preprocess_pil, to_rgb
 
 __all__ = [
+    "UnusableImage",
+    "decode_rgb",
     "SKIMAGE_PHOTOS",
     "IMAGE_SUFFIXES",
     "photos",
@@ -142,8 +144,8 @@ class Skipped:
         return f"{self.path.name}: {self.reason}"
 
 
-class _Unusable(Exception):
-    pass
+class UnusableImage(Exception):
+    """A file that cannot be used as an image; the message is the reason alone (callers add the file name)."""
 
 
 def _folder_files(directory: str | Path, flag: str = "--calib-dir") -> tuple[Path, list[Path], list[Path]]:
@@ -170,18 +172,18 @@ def _open_checked(path: Path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _Unusable(f"more than {MAX_IMAGE_PIXELS // 1_000_000} M pixels (decompression-bomb guard)") from None
+        raise UnusableImage(f"more than {MAX_IMAGE_PIXELS // 1_000_000} M pixels (decompression-bomb guard)") from None
     except UnidentifiedImageError:
-        raise _Unusable("not an image PIL can read") from None
+        raise UnusableImage("not an image PIL can read") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise _Unusable(f"cannot be read ({type(exc).__name__})") from None
+        raise UnusableImage(f"cannot be read ({type(exc).__name__})") from None
     w, h = im.size
     if w * h > MAX_IMAGE_PIXELS:
         im.close()
-        raise _Unusable(f"{w}x{h} is more than {MAX_IMAGE_PIXELS // 1_000_000} M pixels (decompression-bomb guard)")
+        raise UnusableImage(f"{w}x{h} is more than {MAX_IMAGE_PIXELS // 1_000_000} M pixels (decompression-bomb guard)")
     if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT:
         im.close()
-        raise _Unusable(f"{w}x{h} has an aspect ratio beyond {MAX_ASPECT:g}:1")
+        raise UnusableImage(f"{w}x{h} has an aspect ratio beyond {MAX_ASPECT:g}:1")
     return im
 
 
@@ -193,12 +195,13 @@ def open_rgb(path: str | Path):
             :data:`MAX_IMAGE_PIXELS`) or a strip beyond :data:`MAX_ASPECT`; the message names the file.
     """
     try:
-        return _decode(Path(path))
-    except _Unusable as exc:
+        return decode_rgb(Path(path))
+    except UnusableImage as exc:
         raise BadInput(f"image {path} cannot be used ({exc}): remove or replace it") from None
 
 
-def _decode(path: Path):
+def decode_rgb(path: Path):
+    """:func:`open_rgb` without the file name in the error: raises :class:`UnusableImage` with the reason."""
     im = _open_checked(path)
     try:
         with im:
@@ -206,7 +209,7 @@ def _decode(path: Path):
             im.load()
             return to_rgb(im)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise _Unusable(f"cannot be read ({type(exc).__name__})") from None
+        raise UnusableImage(f"cannot be read ({type(exc).__name__})") from None
 
 
 @dataclass
@@ -234,8 +237,8 @@ class ImageStream:
             if self.limit is not None and len(self.used) >= self.limit:
                 return
             try:
-                image = _decode(f)
-            except _Unusable as exc:
+                image = decode_rgb(f)
+            except UnusableImage as exc:
                 self.skipped.append(Skipped(f, str(exc)))
                 continue
             self.used.append(f)
@@ -319,7 +322,7 @@ def scan_image_dir(directory: str | Path, *, limit: int | None = None) -> tuple[
             break
         try:
             _open_checked(f).close()
-        except _Unusable as exc:
+        except UnusableImage as exc:
             skipped.append(Skipped(f, str(exc)))
             continue
         usable.append(f)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .artifact import Artifact
 from .backends.torch import TorchRunner
-from .data import IMAGE_SUFFIXES, open_rgb
+from .data import IMAGE_SUFFIXES, UnusableImage, decode_rgb
 from .errors import BadInput
 from .preprocess import normalize_chw, preprocess_pil
 from .reference import reference_model
@@ -145,10 +145,9 @@ def _batches(folder: LabelledFolder, batch: int, artifact: Artifact,
     labels: list[int] = []
     for path, label in folder.items:
         try:
-            images.append(preprocess_pil(open_rgb(path), artifact.image_size, crop_pct=crop, interpolation=interp))
-        except BadInput as exc:
-            reason = str(exc).split("cannot be used (", 1)[-1].rsplit(")", 1)[0]
-            skipped.append({"file": str(path.relative_to(folder.root)), "reason": reason})
+            images.append(preprocess_pil(decode_rgb(path), artifact.image_size, crop_pct=crop, interpolation=interp))
+        except (UnusableImage, BadInput) as exc:  # BadInput: preprocessing refused the decoded image
+            skipped.append({"file": str(path.relative_to(folder.root)), "reason": str(exc)})
             continue
         labels.append(label)
         if len(images) == batch:
