@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import sys
 from importlib import metadata
 
 from rich.markup import escape
@@ -21,7 +20,7 @@ def _version(dist: str) -> str | None:
 
 def backend_rows() -> list[tuple[str, str, str]]:
     """(backend, status, detail) rows; status is 'ok', 'partial' or 'missing'."""
-    from ..backends import onnxrt, tensorrt
+    from ..backends import coreml, onnxrt, tensorrt
 
     rows = []
     ort_status = onnxrt.availability()
@@ -50,7 +49,7 @@ def backend_rows() -> list[tuple[str, str, str]]:
     ct = _version("coremltools")
     if ct is None:
         rows.append(("coremltools", "missing", INSTALL_HINTS["coremltools"]))
-    elif sys.platform == "darwin":
+    elif coreml.availability().available:
         rows.append(("coremltools", "ok", f"{ct}; conversion and Core ML prediction"))
     else:
         rows.append(("coremltools", "partial", f"{ct}; conversion works, Core ML prediction needs macOS "
