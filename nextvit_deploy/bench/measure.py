@@ -21,7 +21,7 @@ import numpy as np
 from ..latency import LatencyStats, measure
 from .types import BenchConfig
 
-__all__ = ["Timed", "Timing", "interleave", "iqr", "prepare_row", "PREPARERS"]
+__all__ = ["Timed", "Timing", "interleave", "iqr", "prepare_row", "PREPARERS", "coreml_program"]
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Timed:
     feed: Any = None
     cuda_events: bool = False
     gpu_ms: Callable[[], float | None] | None = None  # the runner's own device time of the last run (TensorRT)
+    notes: tuple[str, ...] = ()  # how the row was built (precision transform, Core ML target), for the report
 
 
 @dataclass
@@ -154,10 +155,10 @@ def _onnxruntime(key: str, built: Any, onnx_path: Path, cfg: BenchConfig, status
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if status.device.startswith("cuda") \
         else ["CPUExecutionProvider"]
-    graph = transformed_onnx(onnx_path, cfg.precision, cfg, tmp / f"{onnx_path.stem}-{cfg.precision}-ort.onnx",
-                             convention="onnxruntime")
+    graph, notes = transformed_onnx(onnx_path, cfg.precision, cfg,
+                                    tmp / f"{onnx_path.stem}-{cfg.precision}-ort.onnx", convention="onnxruntime")
     runner = stack.enter_context(OrtRunner(graph, providers=providers, threads=threads))
-    return Timed(key, runner, {"input": _feed(cfg)})
+    return Timed(key, runner, {"input": _feed(cfg)}, notes=tuple(notes))
 
 
 def _tensorrt(key: str, built: Any, onnx_path: Path, cfg: BenchConfig, status: Any, tmp: Path, threads: int,
@@ -166,33 +167,48 @@ def _tensorrt(key: str, built: Any, onnx_path: Path, cfg: BenchConfig, status: A
     is timed end to end and its CUDA-event time per run (``last_gpu_ms``) becomes the GPU columns."""
     from ..backends.tensorrt import TrtRunner
     from ..backends.trt_build import BuildOptions, build_engine
-    from .models import trt_ready_onnx
+    from .models import transformed_onnx
 
-    graph = trt_ready_onnx(onnx_path, cfg.precision, cfg, tmp / f"{key}-{cfg.precision}.onnx")
-    engine = tmp / f"{key}-{cfg.precision}.engine"
+    graph, notes = transformed_onnx(onnx_path, cfg.precision, cfg, tmp / f"{onnx_path.stem}-{cfg.precision}-trt.onnx",
+                                    convention="tensorrt")
+    engine = tmp / f"{onnx_path.stem}-{cfg.precision}.engine"
     build_engine(graph, engine, BuildOptions(precision=cfg.precision, batch=(cfg.batch,) * 3, image_size=cfg.size))
     runner = stack.enter_context(TrtRunner(engine))
-    return Timed(key, runner, {"input": _feed(cfg)}, gpu_ms=lambda: runner.last_gpu_ms)
+    return Timed(key, runner, {"input": _feed(cfg)}, gpu_ms=lambda: runner.last_gpu_ms, notes=tuple(notes))
 
 
-def _coreml(key: str, built: Any, onnx_path: Path, cfg: BenchConfig, status: Any, tmp: Path, threads: int,
-            stack: ExitStack) -> Timed:
-    """Trace, convert to an ML Program through the Core ML exporter's helpers and time ``predict`` (macOS)."""
+def coreml_program(module: Any, cfg: BenchConfig) -> Any:
+    """``module`` traced at ``cfg.batch`` and converted to an ML Program the way ``export --target coreml`` does
+    (its conversion passes, its default minimum deployment target, see :func:`.plan.coreml_rows`); the model
+    is loaded for prediction only on macOS (elsewhere coremltools cannot run it)."""
+    import sys
+
     import torch
 
     from .._deps import import_coremltools
-    from ..export.coreml import conversion_pipeline, freeze_traced_shapes
+    from ..export.coreml import conversion_pipeline, freeze_traced_shapes, parse_deployment_target
+    from .plan import coreml_rows
 
     ct = import_coremltools(purpose="the Core ML rows")
     x = torch.randn(cfg.batch, 3, *cfg.size)
     with torch.no_grad():
-        traced = torch.jit.trace(built.module.eval(), x, check_trace=False)
+        traced = torch.jit.trace(module.eval(), x, check_trace=False)
     freeze_traced_shapes(traced)
     precision = ct.precision.FLOAT16 if cfg.precision == "fp16" else ct.precision.FLOAT32
-    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(x.shape))], convert_to="mlprogram",
-                         compute_precision=precision, pass_pipeline=conversion_pipeline(ct))
-    feed = {"input": x.numpy()}
-    return Timed(key, lambda: mlmodel.predict(feed))
+    return ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(x.shape))], convert_to="mlprogram",
+                      compute_precision=precision, pass_pipeline=conversion_pipeline(ct),
+                      minimum_deployment_target=parse_deployment_target(coreml_rows().min_target),
+                      skip_model_load=sys.platform != "darwin")
+
+
+def _coreml(key: str, built: Any, onnx_path: Path, cfg: BenchConfig, status: Any, tmp: Path, threads: int,
+            stack: ExitStack) -> Timed:
+    """Time ``predict`` of :func:`coreml_program` (macOS); ``cfg.batch`` is already the Core ML rows' batch."""
+    from .plan import coreml_rows
+
+    mlmodel = coreml_program(built.module, cfg)
+    feed = {"input": np.random.default_rng(0).standard_normal((cfg.batch, 3, *cfg.size)).astype(np.float32)}
+    return Timed(key, lambda: mlmodel.predict(feed), notes=(f"Core ML rows: {coreml_rows().describe()}",))
 
 
 PREPARERS: dict[str, Callable[..., Timed]] = {"torch": _torch, "torch-cudagraph": _torch_cudagraph,

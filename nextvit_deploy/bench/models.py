@@ -165,12 +165,14 @@ def export_bench_onnx(built: _Built, cfg: BenchConfig, path: Path, *, simplify: 
 TRT_CALIBRATION_IMAGES = 16  # fp16 rows: images that measure activation ranges (the export default is 64)
 
 
-def transformed_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path, *, convention: str) -> Path:
+def transformed_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path, *,
+                     convention: str) -> tuple[Path, list[str]]:
     """The bench ONNX in ``precision`` through ``export``'s precision transform (``transform_graph``), in the
     backend's ``convention`` (``"onnxruntime"``: U8S8 QDQ, weight bits from this CPU; ``"tensorrt"``),
-    calibrated on the bundled calibration photos (never the images verify or the accuracy benchmark use)."""
+    calibrated on the bundled calibration photos (never the images verify or the accuracy benchmark use).
+    Returns (the graph, notes on the transform: weight bits and their source, fp32 keep-list size)."""
     if precision == "fp32":
-        return onnx_path
+        return onnx_path, []
     import onnx
 
     from nextvit_model import IMAGENET_MEAN, IMAGENET_STD
@@ -179,28 +181,21 @@ def transformed_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Pat
     from ..export.transform import transform_graph
 
     calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), IMAGENET_MEAN, IMAGENET_STD)
-    model, _ = transform_graph(onnx.load(str(onnx_path)), precision, calib, convention=convention)  # type: ignore[arg-type]
+    model, details = transform_graph(onnx.load(str(onnx_path)), precision, calib,
+                                     convention=convention)  # type: ignore[arg-type]
     onnx.save(model, str(out))
-    return out
+    notes = [f"{precision} ({convention} convention): calibrated on {TRT_CALIBRATION_IMAGES} bundled calibration photos"]
+    bits = details.get("weight_bits") if isinstance(details, dict) else None
+    if isinstance(bits, dict) and "bits" in bits:
+        notes.append(f"{precision} ({convention}): {bits['bits']}-bit weights, {bits.get('source', '')}".rstrip(", "))
+    return out, notes
 
 
 def trt_ready_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Path) -> Path:
     """The graph a TensorRT row builds, through the same precision transform as ``export --target trt``
-    (a strongly typed build takes its precision from the graph): fp32 as exported, fp16 the mixed-precision
+    (a strongly typed build takes its precision from the graph): fp32 as exported, fp16/int8 the transformed
     graph calibrated on the bundled calibration photos."""
-    if precision == "fp32":
-        return onnx_path
-    import onnx
-
-    from nextvit_model import IMAGENET_MEAN, IMAGENET_STD
-
-    from ..data import calibration_photos, normalize
-    from ..export.transform import transform_graph
-
-    calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), IMAGENET_MEAN, IMAGENET_STD)
-    model, _ = transform_graph(onnx.load(str(onnx_path)), precision, calib, convention="tensorrt")
-    onnx.save(model, str(out))
-    return out
+    return transformed_onnx(onnx_path, precision, cfg, out, convention="tensorrt")[0]
 
 
 def largest_gemms(module: Any, image_size: tuple[int, int], batch: int, *, top: int = 2) -> list[tuple[int, int, int]]:

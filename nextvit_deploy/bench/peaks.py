@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .measure import Timed, Timing
-from .types import PeakResult
+from .types import UNDER_MEASURED, PeakResult
 
 __all__ = ["CPU_SQUARES", "GPU_SQUARES", "PEAK_BACKENDS", "gemm_sweep", "prepare_peaks", "best_peaks",
            "peak_fraction", "UNDER_MEASURED"]
@@ -21,7 +21,6 @@ __all__ = ["CPU_SQUARES", "GPU_SQUARES", "PEAK_BACKENDS", "gemm_sweep", "prepare
 CPU_SQUARES = (512, 1024, 2048)
 GPU_SQUARES = (4096, 8192)
 PEAK_BACKENDS = ("torch", "torch-cudagraph", "onnxruntime")  # TensorRT / Core ML peaks are not measured here
-UNDER_MEASURED = "peak under-measured"
 
 
 def gemm_sweep(on_gpu: bool, model_gemms: list[tuple[int, int, int]], *,

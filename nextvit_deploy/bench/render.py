@@ -11,35 +11,16 @@ from typing import Any
 
 from .._deps import require
 from ..errors import MissingDependency
+from .precision_table import peak_cell as _peak_cell
+from .precision_table import precision_table
 from .types import SPREAD_WIDE, TIE_BAND, BenchReport
 
 __all__ = ["labels_line", "render_markdown", "render_artifacts_markdown", "render_csv", "plot_accuracy_latency",
            "write_outputs", "CSV_FIELDS"]
 
 
-def _peak_cell(r: dict[str, Any]) -> str:
-    if r.get("peak_note"):
-        return r["peak_note"]
-    return _fmt(100 * r["peak_fraction"], ".0f") + " %" if r["peak_fraction"] is not None else "–"
-
-
 def _backend(r: dict[str, Any], cfg: dict[str, Any]) -> str:
     return r["backend"] if r["precision"] == cfg["precision"] else f"{r['backend']} {r['precision']}"
-
-
-def _precision_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
-    """fp32 / int8 per backend: medians, speed-up, fraction of the matching precision's peak."""
-    lines = ["", "Precision rows (each through `export`'s precision transform, in the backend's convention; "
-             "the fraction is of the GEMM peak in the same precision):", "",
-             "| Model | Backend | precision | median ms | speed-up vs " + cfg["precision"] + " | % of its GEMM peak |",
-             "|---|---|---|---:|---:|---:|"]
-    for r in rows:
-        if r["precision"] == cfg["precision"] and not any(
-                o.get("speedup_vs_fp32") for o in rows if o["model"] == r["model"] and o["backend"] == r["backend"]):
-            continue
-        lines.append(f"| {r['display']} | {r['backend']} | {r['precision']} | {_fmt(r['median_ms'], '.1f')} "
-                     f"| {_fmt(r.get('speedup_vs_fp32'), '.2f')} | {_peak_cell(r)} |")
-    return lines
 
 
 def _spread(value: float | None) -> str:
@@ -107,8 +88,10 @@ def labels_line(d: dict[str, Any]) -> str:
             f"measured {lab.get('date_utc', '')}")
 
 
-def render_markdown(d: dict[str, Any], *, title: str | None = None) -> str:
-    """Markdown of a bench report dict: labels, main table, ratios table, peaks, skipped backends."""
+def render_markdown(d: dict[str, Any], *, title: str | None = None, accuracy: dict[str, Any] | None = None) -> str:
+    """Markdown of a bench report dict: labels, main table, ratios table, precision table, peaks, skipped
+    backends. ``accuracy``: a digits accuracy report (``precision_table.load_accuracy``) for the precision
+    table's top-1 drop column; never measured here."""
     if d.get("artifacts"):
         return render_artifacts_markdown(d, title=title)
     cfg = d["config"]
@@ -120,14 +103,14 @@ def render_markdown(d: dict[str, Any], *, title: str | None = None) -> str:
     rows = d["rows"]
     gpu = any(r.get("gpu_median_ms") is not None for r in rows)
     lines += ["| Model | Backend | median ms | p90 ms | p99 ms | " + ("GPU ms (CUDA events) | " if gpu else "")
-              + "runs | img/s | GMACs | Params (M) | GFLOP/s | % of MatMul peak | paper TRT ms | paper CoreML ms "
-              "| paper metric |", "|---|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|" * 9]
+              + "batch | runs | img/s | GMACs | Params (M) | GFLOP/s | % of its GEMM peak | paper TRT ms | paper CoreML ms "
+              "| paper metric |", "|---|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|" * 10]
     for r in rows:
         frac = _peak_cell(r)
         metric = f"{_fmt(r['paper_metric'], '.1f')} {r['metric']}" if r["paper_metric"] is not None else "–"
         lines.append(f"| {r['display']} | {_backend(r, cfg)} | {_fmt(r['median_ms'], '.1f')} | {_fmt(r['p90_ms'], '.1f')} "
                      f"| {_fmt(r['p99_ms'], '.1f')} | " + (f"{_fmt(r.get('gpu_median_ms'), '.2f')} | " if gpu else "")
-                     + f"{r['runs']} | {_fmt(r['throughput_ips'], '.2f')} "
+                     + f"{r['batch']} | {r['runs']} | {_fmt(r['throughput_ips'], '.2f')} "
                      f"| {_fmt(r['gmacs'], '.2f')} | {_fmt(r['params_m'], '.1f')} | {_fmt(r['achieved_gflops'], '.1f')} "
                      f"| {frac} | {_fmt(r['paper_trt_ms'], '.1f')} | {_fmt(r['paper_coreml_ms'], '.1f')} | {metric} |")
     lines += ["", "Latency ratios (row / reference, same backend, same run) next to the paper's "
@@ -143,15 +126,16 @@ def render_markdown(d: dict[str, Any], *, title: str | None = None) -> str:
                      f"| {_fmt(r['paper_ratio_nextvit_s'])} | {_flag(r['flag_nextvit_s'])} |")
     lines += ["", "`spread`: interquartile range of the per-round ratios over their median (rows are timed in "
               f"{cfg.get('rounds', 1)} interleaved rounds, A, B, C, A, B, C, ...)."]
-    if any(r.get("speedup_vs_fp32") for r in rows):
-        lines += _precision_table(rows, cfg)
+    lines += precision_table(d, accuracy)
     if d.get("peaks"):
         lines += ["", _peaks_line(d["peaks"])]
     skipped = [b for b in d.get("backends", []) if not b["available"]]
+    coreml_rows = d["labels"].get("flags", {}).get("coreml_rows")
     if skipped:
-        lines += ["", "Backends not measured here: " + "; ".join(f"{b['name']} ({b['reason']})" for b in skipped)
-                  + "."]
-    notes = sorted({f"{r['display']}: {n}" for r in rows for n in r.get("notes", []) if r["backend"] == rows[0]["backend"]})
+        lines += ["", "Backends not measured here: " + "; ".join(
+            f"{b['name']} ({b['reason']}" + (f"; its rows would run at {coreml_rows}" if b["name"] == "coreml"
+                                            and coreml_rows else "") + ")" for b in skipped) + "."]
+    notes = _pipeline_notes(rows)
     if notes:
         lines += ["", "Pipeline notes: " + "; ".join(notes) + "."]
     for f in d.get("failures", []):
@@ -159,6 +143,23 @@ def render_markdown(d: dict[str, Any], *, title: str | None = None) -> str:
     if d.get("warnings"):
         lines += ["", "Warnings:", *[f"- {w}" for w in d["warnings"]]]
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's notes once: a model's notes shared by all its rows under its name, the others (a precision
+    transform, a Core ML target) under the row's backend and precision."""
+    where: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for r in rows:
+        for n in r.get("notes", []):
+            where.setdefault((r["display"], n), set()).add((r["backend"], r["precision"]))
+    out = []
+    for (display, note), places in where.items():
+        count = len({(r["backend"], r["precision"]) for r in rows if r["display"] == display})
+        if len(places) == count:
+            out.append(f"{display}: {note}")
+        else:
+            out.extend(f"{display} on {b} {p}: {note}" for b, p in sorted(places))
+    return sorted(set(out))
 
 
 CSV_FIELDS = ("model", "display", "backend", "precision", "batch", "input_shape", "device", "threads", "median_ms",

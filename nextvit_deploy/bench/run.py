@@ -17,12 +17,13 @@ from .machine import backend_status, machine_labels
 from .measure import Timed, interleave, prepare_row
 from .models import build_bench_model, export_bench_onnx, is_nextvit, largest_gemms, resolve_models
 from .peaks import PEAK_BACKENDS, best_peaks, gemm_sweep, peak_fraction, prepare_peaks
+from .plan import INT8_CONVENTIONS, coreml_rows, row_batch, row_precisions
 from .ratios import wide_spreads, with_ratios, with_speedups
 from .types import BACKENDS, PRECISIONS, BenchConfig, BenchProgress, BenchReport, BenchRow
 
 __all__ = ["bench", "check_config", "INT8_BACKENDS"]
 
-INT8_BACKENDS = ("onnxruntime", "tensorrt")  # backends with an INT8 convention in export's precision transform
+INT8_BACKENDS = tuple(INT8_CONVENTIONS)  # backends with an INT8 convention in export's precision transform
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -30,7 +31,8 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.task not in published.TASK_ROWS:
         raise BadInput(f"unknown --task {cfg.task!r}: choose cls or det")
     if cfg.precision not in PRECISIONS:
-        raise BadInput(f"--precision {cfg.precision} is not measured by bench: choose fp32 or fp16")
+        extra = " (int8 rows are in the table by default; --no-int8 turns them off)" if cfg.precision == "int8" else ""
+        raise BadInput(f"--precision {cfg.precision} is not measured by bench: choose fp32 or fp16{extra}")
     if cfg.batch < 1:
         raise BadInput(f"--batch must be at least 1, got {cfg.batch}")
     if cfg.iters < 1 or cfg.warmup < 0:
@@ -99,12 +101,20 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                        "onnx_batch": "static" if has_trt else "dynamic (traced at batch 1)",
                        "ort_graph_optimization": "all", "torch_inference_mode": True,
                        "rounds": cfg.rounds, "interleaved": True}
+    if any(s.name == "coreml" for s in statuses if s.name in (cfg.backends or BACKENDS)):
+        labels["flags"]["coreml_rows"] = coreml_rows().describe()
     needs_onnx = any(s.name in ("onnxruntime", "tensorrt") for s in run_on)
     failures: list[dict[str, str]] = []
+    plans: dict[str, list[str]] = {}
+    skipped_precisions: list[dict[str, str]] = []
+    for status in run_on:
+        plans[status.name], skipped = row_precisions(status, cfg, backend_status(status.name, precision="fp16"))
+        skipped_precisions.extend(skipped)
     prepared: list[tuple[str, str, Any, Any, Any, Timed, str]] = []  # model, display, status, flops, built, timed,
     # precision
     gemms: list[tuple[int, int, int]] = []
     progress.start(len(models) * (1 + len(run_on)) + len(run_on) + 1)
+    progress.step("rows: " + "; ".join(f"{name} {', '.join(p)}" for name, p in plans.items()))
     task, side = cfg.published_task, (cfg.size[0] if cfg.size[0] == cfg.size[1] else 0)
     with tempfile.TemporaryDirectory(prefix="nextvit-bench-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
@@ -127,13 +137,12 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                 continue
             progress.step(display, advance=1)
             for status in run_on:
-                precisions = [cfg.precision] + (["int8"] if cfg.int8 and status.name in INT8_BACKENDS else [])
-                for precision in precisions:
+                for precision in plans[status.name]:
                     key = f"{display} on {status.name}" + (f" ({precision})" if precision != cfg.precision else "")
-                    progress.step(f"{key}: preparing")
+                    progress.step(f"{key}: preparing" + (" (calibrating, quantizing)" if precision == "int8" else ""))
+                    row_cfg = dataclasses.replace(cfg, precision=precision, batch=row_batch(status.name, cfg))
                     try:
-                        timed = prepare_row(key, built, onnx_path, dataclasses.replace(cfg, precision=precision),
-                                            status, tmp, threads, stack)
+                        timed = prepare_row(key, built, onnx_path, row_cfg, status, tmp, threads, stack)
                         prepared.append((name, display, status, flops, built, timed, precision))
                     except DeployError:
                         raise
@@ -170,14 +179,15 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                 if w.startswith("noisy"):
                     warnings.append(f"{timed.key}: {w}")
             ms = stats.gpu_median_ms if stats.gpu_median_ms else stats.median_ms
-            achieved = 2.0 * flops.macs * cfg.batch / (ms * 1e-3) / 1e9
+            batch = row_batch(status.name, cfg)
+            achieved = 2.0 * flops.macs * batch / (ms * 1e-3) / 1e9
             fraction, peak_note = peak_fraction(achieved, peaks.get((status.name, precision)))
             if peak_note:
                 warnings.append(f"{timed.key}: {achieved:.1f} GFLOP/s is above the measured GEMM peak: {peak_note} "
                                 "(the sweep missed this backend's best GEMM)")
             pub = published.lookup(name, task=task, image_size=side)
-            latency = LatencyReport(name=name, backend=status.name, precision=precision, batch=cfg.batch,
-                                    input_shape=(cfg.batch, 3, *cfg.size), device=status.device or "cpu",
+            latency = LatencyReport(name=name, backend=status.name, precision=precision, batch=batch,
+                                    input_shape=(batch, 3, *cfg.size), device=status.device or "cpu",
                                     threads=threads, stats=stats, versions={status.name: status.version})
             rows.append(BenchRow(
                 model=name, display=display, backend=status.name, latency=latency, gmacs=flops.gmacs,
@@ -187,10 +197,10 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                 paper_metric=pub.metric_value if pub else None, metric=pub.metric if pub else "",
                 paper_status=pub.status if pub else "",
                 paper_column="coreml_ms_batch1" if status.name == "coreml" else "trt_fp16_ms_batch8",
-                notes=tuple(built.notes), round_medians_ms=tuple(timing.round_medians_ms)))
+                notes=tuple(built.notes) + tuple(timed.notes), round_medians_ms=tuple(timing.round_medians_ms)))
     prepared.clear()
     gc.collect()
-    rows = with_speedups(with_ratios(rows, task=task, side=side), cfg.precision)
+    rows = with_speedups(with_ratios(rows, task=task, side=side), "fp32")
     warnings.extend(wide_spreads(rows))
     fewest = min((r.latency.stats.runs for r in rows), default=TARGET_RUNS)
     if fewest < TARGET_RUNS:
@@ -198,4 +208,4 @@ def _run(cfg: BenchConfig, *, models: list[str], run_on: list[Any], statuses: tu
                         "the slowest run; raise --iters and --duration for tighter percentiles")
     return BenchReport(config=cfg, labels=labels, backends=statuses, peaks=tuple(p for p in peaks.values() if p),
                        rows=tuple(rows), failures=tuple(failures), warnings=tuple(warnings),
-                       wall_s=time.perf_counter() - t_start)
+                       wall_s=time.perf_counter() - t_start, skipped_precisions=tuple(skipped_precisions))

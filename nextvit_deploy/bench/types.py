@@ -9,13 +9,14 @@ from .. import published
 from ..backends.base import Availability
 from ..latency import LatencyReport, LatencyStats
 
-__all__ = ["BACKENDS", "PRECISIONS", "REFERENCE_MODELS", "TIE_BAND", "SPREAD_WIDE", "BenchConfig", "BackendStatus",
-           "PeakResult", "BenchRow", "BenchReport", "BenchProgress"]
+__all__ = ["BACKENDS", "PRECISIONS", "REFERENCE_MODELS", "TIE_BAND", "SPREAD_WIDE", "UNDER_MEASURED", "BenchConfig",
+           "BackendStatus", "PeakResult", "BenchRow", "BenchReport", "BenchProgress"]
 
 BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraph", "onnxruntime", "tensorrt", "coreml")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 REFERENCE_MODELS = {"resnet101": "ResNet-101", "nextvit_small": "Next-ViT-S"}
 TIE_BAND = 0.05  # a published ratio within 5 % of 1.0 is a near tie: an ordering flip there is marked "flip~"
+UNDER_MEASURED = "peak under-measured"  # said instead of a fraction of a GEMM peak above 100 %
 SPREAD_WIDE = 0.10  # an interquartile range of per-round ratios above this is reported as a wide spread
 BackendStatus = Availability  # the name bench used before each backend reported its own availability
 
@@ -43,8 +44,14 @@ class BenchConfig:
         opset: ONNX opset. Defaults to 17.
         rounds: interleaved rounds: every row (and every peak GEMM) runs a share of its timed runs per
             round, rows alternating A, B, C, A, B, C, ..., so drift hits all rows alike. Defaults to 5.
-        int8: also an INT8 row per model on the backends with an INT8 convention (ONNX Runtime x86 QDQ,
-            TensorRT Q/DQ), built through ``export``'s precision transform, with its speed-up over fp32.
+        int8: an INT8 row per model on the backends with an INT8 convention (ONNX Runtime x86 QDQ on the
+            CPU, TensorRT Q/DQ), built through ``export``'s precision transform, with its speed-up over fp32.
+            Defaults to True (``--no-int8`` turns it off).
+
+    Every backend also gets an fp32 row (the base of every speed-up) and, where it runs fp16 natively (a GPU,
+    Core ML), an fp16 row; see :func:`nextvit_deploy.bench.plan.row_precisions`. Core ML rows run at batch 1
+    and the export's deployment target (:func:`nextvit_deploy.bench.plan.coreml_rows`), as the paper's
+    Core ML column does, whatever ``batch`` is.
     """
 
     models: tuple[str, ...] | None = None
@@ -61,7 +68,7 @@ class BenchConfig:
     simplify: bool | None = None
     opset: int = 17
     rounds: int = 5
-    int8: bool = False
+    int8: bool = True
 
     @property
     def size(self) -> tuple[int, int]:
@@ -183,6 +190,7 @@ class BenchReport:
     warnings: tuple[str, ...] = ()
     wall_s: float = 0.0
     artifacts: bool = False  # a ``bench ARTIFACT...`` run: rows are exported files, ratios against a baseline
+    skipped_precisions: tuple[dict[str, str], ...] = ()  # {backend, precision, reason}: precisions not run
 
     def __bool__(self) -> bool:
         return bool(self.rows) and not self.failures
@@ -192,6 +200,7 @@ class BenchReport:
                 "backends": [b.to_dict() for b in self.backends], "peaks": [p.to_dict() for p in self.peaks],
                 "rows": [r.to_dict() for r in self.rows], "failures": list(self.failures),
                 "warnings": list(self.warnings), "wall_s": round(self.wall_s, 2), "artifacts": self.artifacts,
+                "skipped_precisions": list(self.skipped_precisions),
                 "published_protocol": published.PUBLISHED_PROTOCOL}
 
 

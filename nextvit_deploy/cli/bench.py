@@ -18,7 +18,9 @@ __all__ = ["bench", "EXAMPLES"]
 
 EXAMPLES = """Examples:
 
-  nextvit-deploy bench --batch 8                       # default subset, every backend present, ~5 min on 2 cores
+  nextvit-deploy bench --batch 8                       # default subset, every backend present, fp32 + int8 rows
+
+  nextvit-deploy bench --batch 1 --no-int8             # fp32 only (fp16 too on GPU backends)
 
   nextvit-deploy bench --models nextvit_small,resnet101 --backends onnxruntime --duration 2
 
@@ -131,7 +133,8 @@ def bench(
         "--backends", help="Comma-separated: torch, torch-cudagraph, onnxruntime, tensorrt, coreml. "
                            "Default: every backend this machine has.")] = None,
     precision: Annotated[PrecisionName, typer.Option(
-        "--precision", "-p", help="fp32 or fp16 for the table (artifacts carry their own).")] = DEFAULT_PRECISION,
+        "--precision", "-p", help="fp32 or fp16: the precision of the ratio columns (fp32 rows are always timed, "
+                                  "as the base of every speed-up; artifacts carry their own).")] = DEFAULT_PRECISION,
     image_size: OptionalImageSizeOpt = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Discarded runs per row.")] = 1,
     iters: Annotated[int, typer.Option("--iters", help="Timed runs wanted per row.")] = 20,
@@ -146,13 +149,15 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="cls (classifier) or det (backbone, the det/seg rows).")] = "cls",
     simplify: Annotated[bool | None, typer.Option(
         "--simplify/--no-simplify", help="Run the ONNX simplifier. Default: only when TensorRT runs.")] = None,
-    int8: Annotated[bool, typer.Option(
-        "--int8", help="Also an INT8 row per model on ONNX Runtime (x86 QDQ) and TensorRT, with its speed-up.")] = False,
+    int8: Annotated[bool | None, typer.Option(
+        "--int8/--no-int8", help="INT8 rows per model in the backend's convention (ONNX Runtime x86 QDQ on the CPU, "
+                                 "TensorRT Q/DQ), with their speed-up over fp32. Default: on; --no-int8 skips the "
+                                 "calibration and quantization they cost.", show_default=False)] = None,
     baseline: Annotated[str | None, typer.Option(
         "--baseline", help="With artifacts: the one every ratio divides by. Default: the first.")] = None,
 ) -> None:
     """Measure Next-ViT and the paper's baselines on every backend here (ratios beside the published ones),
-    or time exported artifacts side by side."""
+    with fp32, fp16 (GPU backends) and int8 rows per backend, or time exported artifacts side by side."""
     from ..bench import BenchConfig, bench_artifacts
     from ..bench import bench as run_bench
     from ..errors import BadInput
@@ -170,7 +175,7 @@ def bench(
     if artifacts:
         for flag, value in (("--models", models), ("--backends", backends), ("--image-size", image_size),
                             ("--full", full or None), ("--simplify/--no-simplify", simplify),
-                            ("--int8", int8 or None)):
+                            ("--int8/--no-int8", int8)):
             if value is not None:
                 raise BadInput(f"{flag} applies to the table bench builds itself, not to artifacts: drop {flag}")
         check_creatable_dir(out_dir)
@@ -203,7 +208,7 @@ def bench(
     cfg = BenchConfig(models=_split(models), backends=_split(backends), batch=static or 8,
                       precision=PrecisionName(precision).value, image_size=size, warmup=warmup, iters=iters,
                       duration_s=duration or None, threads=threads, task=task, full=full, simplify=simplify,
-                      rounds=rounds, int8=int8)
+                      rounds=rounds, int8=True if int8 is None else int8)
     with _RichProgress() as progress:
         report = run_bench(cfg, progress=progress)
     _print_report(report, out_dir)
@@ -220,6 +225,8 @@ def _print_report(report, out_dir: Path) -> None:
     for b in report.backends:
         if not b.available:
             out.print(f"skipped {b.name}: {escape(b.reason)}", highlight=False)
+    for s in report.skipped_precisions:
+        out.print(f"not run: {s['backend']} {s['precision']} ({escape(s['reason'])})", highlight=False)
     for p in report.peaks:
         shape = "x".join(map(str, p.shape))
         out.print(f"GEMM peak {p.backend} {p.precision}: {p.gflops:.1f} GFLOP/s (best of {len(p.sweep)} shapes: "
