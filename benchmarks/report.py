@@ -1,15 +1,18 @@
 """Regenerate the Markdown report of the reproduced Next-ViT speed tables from bench runs.
 
-Usage (the committed CPU report was made this way):
+Usage (the committed CPU report is made this way, on an idle machine):
 
     nextvit-deploy bench --batch 8 --out benchmarks/results/cls-224
     nextvit-deploy bench --batch 8 --task det --out benchmarks/results/det-512
     python benchmarks/report.py benchmarks/results/cls-224/bench.json benchmarks/results/det-512/bench.json \\
-        -o benchmarks/results/README.md
+        --accuracy benchmarks/results/accuracy_digits_eval.json -o benchmarks/results/README.md
 
 Each JSON becomes one section (classification at 224; backbone at 512x512 for the detection and
-segmentation rows), followed by a summary of where the paper's ordering holds on this machine and
-where it does not. Nothing is measured here: the numbers are the bench run's.
+segmentation rows) with its precision table (fp32 / fp16 / int8 per backend, speed-up over fp32, fraction
+of the GEMM peak in the same precision and, with ``--accuracy``, the digits model's top-1 drop read from
+``accuracy_digits_eval.json``), preceded by a summary of where the paper's ordering holds on this machine
+and what each precision buys. Nothing is measured here: the numbers are the bench run's and the accuracy
+report's. A fraction of a peak above 100 % never appears: an older report's is shown as "peak under-measured".
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from nextvit_deploy.bench import TIE_BAND, labels_line, render_markdown
+from nextvit_deploy.bench.precision_table import load_accuracy
+from nextvit_deploy.errors import BadInput
+
+SCHEMAS = ("nextvit-deploy-bench/1", "nextvit-deploy-bench/2")
 
 
 def _section_title(d: dict[str, Any]) -> str:
@@ -36,7 +43,7 @@ def _verdicts(d: dict[str, Any]) -> list[str]:
     out = []
     cfg = d["config"]
     h = cfg["image_size"][0]
-    rows = d["rows"]
+    rows = [r for r in d["rows"] if r.get("precision", cfg["precision"]) == cfg["precision"]]  # the ratio rows
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend]
         for key, ref in (("resnet101", "ResNet-101"), ("nextvit_s", "Next-ViT-S")):
@@ -60,11 +67,25 @@ def _verdicts(d: dict[str, Any]) -> list[str]:
                        "Next-ViT-S is relatively slower here than in the paper")
             out.append(f"- **{backend}, {h}px, the headline pair** (Next-ViT-S / ResNet-101 latency; paper "
                        f"{paper:.2f}x): measured {measured:.2f}x, {verdict}.")
+    return out + _precision_verdicts(d)
+
+
+def _precision_verdicts(d: dict[str, Any]) -> list[str]:
+    """Per backend and precision other than fp32: the speed-ups over fp32 of every model, in one sentence."""
+    out = []
+    h = d["config"]["image_size"][0]
+    rows = [r for r in d["rows"] if r.get("speedup_vs_fp32")]
+    for backend, precision in dict.fromkeys((r["backend"], r["precision"]) for r in rows):
+        mine = [r for r in rows if r["backend"] == backend and r["precision"] == precision]
+        text = ", ".join(f"{r['display']} {r['speedup_vs_fp32']:.2f}x" for r in mine)
+        out.append(f"- **{backend}, {h}px, {precision} vs fp32** (batch {mine[0]['batch']}): {text}.")
     return out
 
 
-def render_report(runs: list[dict[str, Any]], *, out_path: Path, sources: list[Path]) -> str:
-    """The whole Markdown report for ``runs`` (bench JSON dicts), links relative to ``out_path``."""
+def render_report(runs: list[dict[str, Any]], *, out_path: Path, sources: list[Path],
+                  accuracy: dict[str, Any] | None = None) -> str:
+    """The whole Markdown report for ``runs`` (bench JSON dicts), links relative to ``out_path``; ``accuracy``
+    (``precision_table.load_accuracy``) fills the precision tables' digits top-1 drop column."""
     first = runs[0]["labels"]
     lines = [f"# Next-ViT speed tables reproduced on {first['cpu']} ({first['cores']} cores"
              + (f", {first['gpu']}" if first.get("gpu") else ", no GPU") + ")", "",
@@ -81,7 +102,7 @@ def render_report(runs: list[dict[str, Any]], *, out_path: Path, sources: list[P
         lines += _verdicts(d)
     lines.append("")
     for d, src in zip(runs, sources):
-        body = render_markdown(d, title=_section_title(d))
+        body = render_markdown(d, title=_section_title(d), accuracy=accuracy)
         lines.append(body)
         png = src.with_suffix(".png")
         if png.is_file():
@@ -97,18 +118,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="bench.json files written by nextvit-deploy bench --out")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/README.md"),
                         help="Markdown file to write. Default: benchmarks/results/README.md")
+    parser.add_argument("--accuracy", type=Path, default=None,
+                        help="accuracy_digits_eval.json: the digits top-1 drop per precision for the precision tables")
     args = parser.parse_args(argv)
+    accuracy = None
+    if args.accuracy is not None:
+        try:
+            accuracy = load_accuracy(args.accuracy)
+        except BadInput as exc:
+            parser.error(f"--accuracy: {exc}")
     runs = []
     for path in args.runs:
         if not path.is_file():
             parser.error(f"{path} does not exist: run nextvit-deploy bench --out DIR first, then pass DIR/bench.json")
-        d = json.loads(path.read_text())
-        if d.get("schema") != "nextvit-deploy-bench/1":
-            parser.error(f"{path} is not a bench report (schema {d.get('schema')!r})")
+        try:
+            d = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            parser.error(f"{path} is not JSON: pass the bench.json that nextvit-deploy bench --out DIR wrote")
+        if not isinstance(d, dict) or d.get("schema") not in SCHEMAS:
+            schema = d.get("schema") if isinstance(d, dict) else None
+            parser.error(f"{path} is not a bench report (schema {schema!r}): pass DIR/bench.json from bench --out DIR")
         runs.append(d)
     order = sorted(range(len(runs)), key=lambda i: runs[i]["config"]["task"] != "cls")
     runs, sources = [runs[i] for i in order], [args.runs[i] for i in order]
-    text = render_report(runs, out_path=args.out, sources=sources)
+    text = render_report(runs, out_path=args.out, sources=sources, accuracy=accuracy)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(text)

@@ -202,20 +202,22 @@ def plot_accuracy_latency(d: dict[str, Any], path: str | Path) -> Path:
     rows = [r for r in d["rows"] if r["paper_metric"] is not None]
     cfg = d["config"]
     fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    backends = list(dict.fromkeys(_backend(r, cfg) for r in rows))  # one series per backend and precision
     metric = rows[0]["metric"] if rows else "top1"
     anchors_used = set()
     for index, backend in enumerate(backends):
-        marker, color = _SERIES_STYLE.get(backend, ("o", None))
-        pts = [r for r in rows if r["backend"] == backend]
-        col = "paper_coreml_ms" if backend == "coreml" else "paper_trt_ms"
+        pts = [r for r in rows if _backend(r, cfg) == backend]
+        base_precision = pts[0]["precision"] == cfg["precision"]
+        marker, color = _SERIES_STYLE.get(pts[0]["backend"], ("o", None))
+        marker = marker if base_precision else "P"  # precision rows: same colour as their backend, own marker
+        col = "paper_coreml_ms" if pts[0]["backend"] == "coreml" else "paper_trt_ms"
         scale, anchor_name = None, None
         for ref in ("resnet101", "nextvit_small"):
             anchor = next((r for r in pts if r["model"] == ref and r[col]), None)
             if anchor:
                 scale, anchor_name = anchor["median_ms"] / anchor[col], anchor["display"]
                 break
-        if scale:
+        if scale and base_precision:
             anchors_used.add(anchor_name)
             pub = [r for r in pts if r[col]]
             ax.scatter([r[col] * scale for r in pub], [r["paper_metric"] for r in pub], marker=marker, s=55,
