@@ -1,7 +1,9 @@
 """Which models a bench run times and how each becomes its deploy form (and its ONNX graph)."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,8 +183,9 @@ def transformed_onnx(onnx_path: Path, precision: str, cfg: BenchConfig, out: Pat
     from ..export.transform import transform_graph
 
     calib = normalize(calibration_photos(TRT_CALIBRATION_IMAGES, cfg.size), IMAGENET_MEAN, IMAGENET_STD)
-    model, details = transform_graph(onnx.load(str(onnx_path)), precision, calib,
-                                     convention=convention)  # type: ignore[arg-type]
+    with contextlib.redirect_stdout(io.StringIO()):  # ONNX Runtime's calibrator prints its steps to stdout
+        model, details = transform_graph(onnx.load(str(onnx_path)), precision, calib,
+                                         convention=convention)  # type: ignore[arg-type]
     onnx.save(model, str(out))
     notes = [f"{precision} ({convention} convention): calibrated on {TRT_CALIBRATION_IMAGES} bundled calibration photos"]
     bits = details.get("weight_bits") if isinstance(details, dict) else None

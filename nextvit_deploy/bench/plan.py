@@ -68,8 +68,8 @@ def row_precisions(status: Any, cfg: BenchConfig, fp16_status: Any) -> tuple[lis
         if precision == cfg.precision or precision == "fp32":
             run.append(precision)
         elif precision == "fp16":
-            if not fp16_status.available:
-                skip("fp16", fp16_status.reason or "not available here")
+            if not fp16_status.available:  # the backend's own reason, without its advice on --precision
+                skip("fp16", (fp16_status.reason or "not available here").split(": use ")[0])
             elif not _native_fp16(fp16_status):
                 skip("fp16", f"no native fp16 on {fp16_status.device or 'this device'} (bench does not emulate it)")
             else:
@@ -77,8 +77,7 @@ def row_precisions(status: Any, cfg: BenchConfig, fp16_status: Any) -> tuple[lis
         elif not cfg.int8:
             skip("int8", "turned off (--no-int8)")
         elif name not in INT8_CONVENTIONS:
-            skip("int8", "no INT8 convention in export's precision transform for this backend "
-                         "(ONNX Runtime x86 QDQ and TensorRT Q/DQ have one)")
+            skip("int8", "no INT8 convention for this backend in export's precision transform")
         elif name == "onnxruntime" and (status.device or "cpu") != "cpu":
             skip("int8", "the x86 QDQ convention targets the CPU execution provider; this run uses "
                          f"{status.device}")
