@@ -75,7 +75,8 @@ def wide_spreads(rows: list[BenchRow]) -> list[str]:
         for what, spread in (("× ResNet-101", r.spread_resnet101), ("× Next-ViT-S", r.spread_nextvit_s),
                              (f"× {r.baseline}", r.spread_baseline)):
             if spread is not None and spread > SPREAD_WIDE:
-                out.append(f"{r.display} on {r.backend}: the {what} ratio varies by {100 * spread:.0f} % between "
+                where = r.backend if r.latency.precision == "fp32" or r.baseline else f"{r.backend} {r.latency.precision}"
+                out.append(f"{r.display} on {where}: the {what} ratio varies by {100 * spread:.0f} % between "
                            f"rounds (IQR / median > {100 * SPREAD_WIDE:.0f} %): the machine was busy; raise "
                            "--rounds or rerun on an idle machine")
     return out
