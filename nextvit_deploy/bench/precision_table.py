@@ -46,8 +46,8 @@ def load_accuracy(path: str | Path) -> dict[str, Any]:
     """The digits accuracy report at ``path`` (one-line :class:`BadInput` when it is missing or not one)."""
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"{p} does not exist: pass the JSON that benchmarks/accuracy_digits_eval.py wrote, e.g. "
-                       "--accuracy benchmarks/results/accuracy_digits_eval.json")
+        raise BadInput(f"{p} does not exist: pass the JSON that benchmarks/accuracy_digits_eval.py wrote "
+                       "(benchmarks/results/accuracy_digits_eval.json)")
     try:
         d = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
