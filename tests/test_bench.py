@@ -127,10 +127,12 @@ def test_bench_rejects_bad_config_before_work(kwargs, fragment):
 @needs_ort
 def test_small_run_measures_every_backend_present(tmp_path):
     cfg = BenchConfig(models=("nextvit_small",), backends=("torch", "onnxruntime", "coreml"), batch=2,
-                      image_size=(64, 64), warmup=0, iters=2, duration_s=None, threads=1)
+                      image_size=(64, 64), warmup=0, iters=2, duration_s=None, threads=1, int8=False)
     report = bench(cfg)
     assert report and not report.failures
     assert [r.backend for r in report.rows] == ["torch", "onnxruntime"] or sys.platform == "darwin"
+    assert {"backend": "onnxruntime", "precision": "int8", "reason": "turned off (--no-int8)"} in \
+        report.skipped_precisions
     for row in report.rows:
         s = row.latency.stats
         assert s.runs == 2 and s.warmup == 0 and s.median_ms > 0
@@ -148,7 +150,10 @@ def test_small_run_measures_every_backend_present(tmp_path):
     assert set(paths) == {"json", "csv", "md"}  # no published metric at 64x64: nothing to plot
     csv_text = paths["csv"].read_text()
     assert csv_text.startswith("# ") and "median_ms" in csv_text.splitlines()[1]
-    assert "Backends not measured here" in render_markdown(d)
+    md = render_markdown(d)
+    assert "Backends not measured here" in md
+    if sys.platform != "darwin":  # Core ML is skipped with its reason and the configuration its rows would use
+        assert "coreml (the Core ML runtime is macOS-only" in md and "batch 1, minimum deployment target iOS16" in md
 
 
 def test_nextvit_rows_do_not_need_timm():
@@ -179,11 +184,11 @@ def test_cli_bench_writes_table_files_and_plot(tmp_path):
     out = tmp_path / "bench"
     res = CliRunner().invoke(_app(), [
         "bench", "--models", "nextvit_small,resnet101", "--backends", "onnxruntime", "--batch", "1",
-        "--iters", "2", "--warmup", "0", "--duration", "0", "--threads", "2", "--out", str(out)])
+        "--iters", "2", "--warmup", "0", "--duration", "0", "--threads", "2", "--no-int8", "--out", str(out)])
     assert res.exit_code == 0, res.output
     for header in ("×R101", "×NV-S", "TRT ms", "median"):
         assert header in res.output
-    assert "skipped coreml" in res.output
+    assert "skipped coreml" in res.output and "not run: onnxruntime int8 (turned off (--no-int8))" in res.output
     d = json.loads((out / "bench.json").read_text())
     rows = {r["model"]: r for r in d["rows"]}
     assert rows["resnet101"]["ratio_resnet101"] == 1.0 and rows["resnet101"]["paper_ratio_resnet101"] == 1.0
@@ -195,6 +200,25 @@ def test_cli_bench_writes_table_files_and_plot(tmp_path):
     assert "paper × ResNet-101" in md and "bench.png" in md and "cores" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "bench.csv").read_text().count("\n") == 4  # comment, header, two rows
+
+
+@needs_ort
+def test_cli_bench_default_table_has_int8_rows(tmp_path):
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(_app(), [
+        "bench", "--models", "nextvit_small", "--backends", "onnxruntime", "--image-size", "64", "--batch", "1",
+        "--iters", "2", "--rounds", "2", "--warmup", "0", "--duration", "0", "--threads", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    d = json.loads((out / "bench.json").read_text())
+    assert d["config"]["int8"] is True
+    assert [(r["backend"], r["precision"]) for r in d["rows"]] == [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    fp32, int8 = d["rows"]
+    assert int8["speedup_vs_fp32"] == pytest.approx(fp32["median_ms"] / int8["median_ms"], rel=1e-3)
+    assert any("-bit weights" in n for n in int8["notes"])  # the weight range the transform picked, and why
+    assert {p["precision"] for p in d["peaks"]} == {"fp32", "int8"}
+    assert "Next-ViT-S on onnxruntime int8:" in res.output and "x the fp32 row" in res.output
+    assert (out / "bench.csv").read_text().count("\n") == 4  # comment, header, fp32 row, int8 row
+    assert "### Precision rows" in (out / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -129,6 +129,7 @@ def test_cli_bench_artifacts(two_artifacts, tmp_path):
     d = json.loads((tmp_path / "o" / "bench.json").read_text())
     assert d["artifacts"] and len(d["rows"]) == 2 and d["rows"][0]["ratio_baseline"] == 1.0
     for args, fragment in ((["--models", "resnet101"], "--models applies to the table"),
+                           (["--no-int8"], "--int8/--no-int8 applies to the table"),
                            (["--baseline", "nope.onnx"], "--baseline nope.onnx is not among"),
                            (["--batch", "1:4"], "one batch size")):
         res = CliRunner().invoke(app, ["bench", str(a), *args, "--out", str(tmp_path / "x")])
