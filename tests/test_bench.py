@@ -203,6 +203,7 @@ def test_cli_bench_writes_table_files_and_plot(tmp_path):
 
 
 @needs_ort
+@pytest.mark.slow  # about 10-25 s on 2 shared cores: calibrating and quantizing the full Next-ViT-S graph
 def test_cli_bench_default_table_has_int8_rows(tmp_path):
     out = tmp_path / "bench"
     res = CliRunner().invoke(_app(), [
