@@ -151,9 +151,12 @@ def _table_rows(md: str, heading: str) -> list[dict[str, str]]:
 def test_precision_table_has_speedups_matching_peaks_and_the_digits_drop(tmp_path):
     rows = [_row("nextvit_small", "onnxruntime", "fp32", 40.0, fraction=0.56),
             _row("nextvit_small", "onnxruntime", "int8", 16.0, fraction=0.2),
-            _row("nextvit_small", "torch", "fp32", 80.0, fraction=0.3)]
+            _row("nextvit_small", "torch", "fp32", 80.0, fraction=0.3),
+            _row("nextvit_small", "tensorrt", "fp32", 10.0, fraction=None),
+            _row("nextvit_small", "tensorrt", "fp16", 4.0, fraction=None),
+            _row("nextvit_small", "tensorrt", "int8", 2.5, fraction=None)]
     skipped = [{"backend": "torch", "precision": "int8", "reason": "no INT8 convention for this backend"}]
-    accuracy = _accuracy(tmp_path, {"onnx_fp32": 0.0, "onnx_int8": 0.37, "trt_int8": 1.5})
+    accuracy = _accuracy(tmp_path, {"onnx_fp32": 0.0, "onnx_int8": 0.37, "trt_int8": 1.5, "trt_fp16": 0.05})
     md = render_markdown(_report(rows, skipped=skipped), accuracy=accuracy)
     table = {(r["Model"], r["Backend"]): r for r in _table_rows(md, "### Precision rows")}
     ort = table["Next-ViT-S", "onnxruntime"]
@@ -162,6 +165,11 @@ def test_precision_table_has_speedups_matching_peaks_and_the_digits_drop(tmp_pat
     assert ort["digits top-1 drop int8 (pt)"] == "+0.37"  # the onnx_int8 row, not trt_int8's 1.5
     cpu = table["Next-ViT-S", "torch"]
     assert cpu["int8 ms"] == "–" and cpu["digits top-1 drop int8 (pt)"] == "–"
+    trt = table["Next-ViT-S", "tensorrt"]
+    assert (trt["fp16 ms"], trt["fp16 × fp32"], trt["int8 × fp32"]) == ("4.0", "2.50x", "4.00x")
+    assert trt["digits top-1 drop fp16 (pt)"] == "+0.05" and trt["digits top-1 drop int8 (pt)"] == "+1.50"
+    assert trt["fp16 % of fp16 GEMM peak"] == "–"  # no TensorRT peak is measured: empty, not borrowed
+    assert ort["fp16 ms"] == "–" and ort["digits top-1 drop fp16 (pt)"] == "–"
     assert "Not run: torch int8 (no INT8 convention for this backend)." in md
     assert "acc.json" in md and "not measured by this bench run" in md
     assert "digits top-1 drop" not in render_markdown(_report(rows))  # no accuracy report, no column
