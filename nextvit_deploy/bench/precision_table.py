@@ -104,8 +104,9 @@ def precision_table(d: dict[str, Any], accuracy: dict[str, Any] | None = None) -
         for p in precisions:
             r = by.get((model, backend, p))
             cells.append(peak_cell(r) if r else "–")
-        if accuracy:
-            cells += [_fmt(top1_drop(accuracy, backend, p), "+.2f") if by.get((model, backend, p)) else "–"
+        if accuracy:  # the digits model is a small Next-ViT: its drop is shown on Next-ViT rows only
+            nextvit = model.startswith("nextvit_")
+            cells += [_fmt(top1_drop(accuracy, backend, p), "+.2f") if nextvit and by.get((model, backend, p)) else "–"
                       for p in others]
         lines.append("| " + " | ".join(cells) + " |")
     if skipped:
@@ -117,5 +118,6 @@ def precision_table(d: dict[str, Any], accuracy: dict[str, Any] | None = None) -
                   f"digits, {accuracy.get('test_images') or '?'} held-out images, evaluated through `nextvit-deploy "
                   "eval` against its PyTorch fp32 reference; CPU flags "
                   f"{env.get('cpu_flags') or 'not recorded'}); not measured by this bench run and not on the timed "
-                  "models. `–`: no such row in that report."]
+                  "models; shown on the Next-ViT rows (the digits model is a small Next-ViT). `–`: no such row in "
+                  "that report, or not a Next-ViT row."]
     return lines

@@ -82,7 +82,9 @@ def labels_line(d: dict[str, Any]) -> str:
     load_text = f"; load average {', '.join(map(str, load))}" if load else ""
     return (f"{lab['cpu']} ({lab['cores']} cores{gpu}; CPU flags {flags}{load_text}), {lab['os']}; {vers}; "
             f"threads {lab['threads']}; "
-            f"batch {cfg['batch']}, {cfg['precision']}, {h}x{w}, task {cfg['task']}; warm-up {cfg['warmup']}, "
+            f"batch {cfg['batch']}, {cfg['precision']}, {h}x{w}, task {cfg['task']}"
+            + ("" if d.get("artifacts") or "int8" not in cfg else f", int8 rows {'on' if cfg['int8'] else 'off'}")
+            + f"; warm-up {cfg['warmup']}, "
             f"iters {cfg['iters']}, rounds {cfg.get('rounds', 1)}, duration {cfg['duration_s']} s; "
             f"flags {lab.get('flags', {})}; "
             f"measured {lab.get('date_utc', '')}")
