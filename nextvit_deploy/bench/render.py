@@ -231,7 +231,8 @@ def plot_accuracy_latency(d: dict[str, Any], path: str | Path) -> Path:
                 ax.plot([r[col] * scale for r in nv], [r["paper_metric"] for r in nv], color=color, alpha=0.22,
                         lw=1.5, ls="--", zorder=1)
         ax.scatter([r["median_ms"] for r in pts], [r["paper_metric"] for r in pts], marker=marker, s=60,
-                   color=color, zorder=3, label=f"measured: {backend}")
+                   color=color, zorder=3,
+                   label=f"measured: {backend}" + ("" if base_precision else " (y: the published fp32 metric)"))
         nv = sorted((r for r in pts if r["model"].startswith("nextvit_")), key=lambda r: r["median_ms"])
         if len(nv) > 1:
             ax.plot([r["median_ms"] for r in nv], [r["paper_metric"] for r in nv], color=color, lw=1.5, zorder=2)
@@ -245,7 +246,8 @@ def plot_accuracy_latency(d: dict[str, Any], path: str | Path) -> Path:
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.margins(x=0.12, y=0.08)
     h, w = cfg["image_size"]
-    ax.set_xlabel(f"measured latency, ms per batch of {cfg['batch']} ({cfg['precision']}, {h}x{w}, log scale)")
+    precisions = ", ".join(dict.fromkeys(r["precision"] for r in rows)) or cfg["precision"]
+    ax.set_xlabel(f"measured latency, ms per batch of {cfg['batch']} ({precisions}, {h}x{w}, log scale)")
     ax.set_ylabel(f"published {metric}" + (" (%)" if metric == "top1" else ""))
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=8, frameon=False)
