@@ -8,9 +8,15 @@ the ordering differs from the paper. Rows are timed through the Runners in inter
 A, B, C, ...), so drift hits all rows alike and every ratio carries its spread; every row's achieved
 GFLOP/s is a fraction of the best GEMM of a sweep measured in the same rounds (never above 100 %).
 
-Modules: ``types`` (config and results), ``machine`` (labels, CPU flags, backend availability),
-``models`` (model resolution, deploy forms, ONNX), ``measure`` (Runners, interleaved rounds), ``peaks``,
-``ratios``, ``run`` (the default table), ``artifacts`` (``bench ARTIFACT...``), ``render`` (every output file).
+The default table has precision rows per backend: fp32 (the base of every speed-up), fp16 where the backend
+runs it natively (GPU backends, Core ML), int8 in the backend's convention (ONNX Runtime x86 QDQ on the CPU,
+TensorRT Q/DQ; ``--no-int8`` turns them off); a precision not run says why. Core ML rows run at batch 1 and
+the export's deployment target, as the paper's Core ML column.
+
+Modules: ``types`` (config and results), ``machine`` (labels, CPU flags, backend availability), ``plan``
+(precisions per backend, Core ML rows' configuration), ``models`` (model resolution, deploy forms, ONNX,
+precision transforms), ``measure`` (Runners, interleaved rounds), ``peaks``, ``ratios``, ``run`` (the default
+table), ``artifacts`` (``bench ARTIFACT...``), ``precision_table`` and ``render`` (every output file).
 """
 from __future__ import annotations
 
