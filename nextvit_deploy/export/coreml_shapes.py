@@ -135,7 +135,12 @@ def check_trace_sizes(wrapper: nn.Module, traced: torch.jit.ScriptModule, sizes:
             progress(f"checking the trace at {h}x{w}")
         x = torch.rand((batch, 3, h, w), generator=gen) * 255.0 if image_input else \
             torch.randn((batch, 3, h, w), generator=gen)
-        want, got = wrapper(x), traced(x)
+        want = wrapper(x)
+        try:
+            got = traced(x)
+        except RuntimeError as exc:  # e.g. a reshape that kept the traced size
+            raise DeployError(f"internal: the trace does not run at {h}x{w} (it kept a traced size): "
+                              f"{str(exc).splitlines()[0][:200]}") from None
         want = want if isinstance(want, tuple) else (want,)
         got = got if isinstance(got, tuple) else (got,)
         if [tuple(a.shape) for a in want] != [tuple(b.shape) for b in got]:
