@@ -31,6 +31,7 @@ def flexible(tmp_path_factory):
     return export(req)
 
 
+@pytest.mark.slow  # the module's export: ~10-20 s on 2 shared cores
 def test_package_declares_every_size_and_records_them(flexible):
     from nextvit_deploy._deps import import_coremltools
     from nextvit_deploy.artifact import Artifact
@@ -48,6 +49,7 @@ def test_package_declares_every_size_and_records_them(flexible):
     assert [tuple(s.shape) for s in arr.enumeratedShapes.shapes] == [(1, 3, 64, 64), (1, 3, 96, 64)]
 
 
+@pytest.mark.slow  # the module's export: ~10-20 s on 2 shared cores
 def test_verify_checks_every_size(flexible):
     from nextvit_deploy.verify import verify
 
@@ -59,6 +61,7 @@ def test_verify_checks_every_size(flexible):
     assert any("enumerated input sizes" in n for n in report.notes)
 
 
+@pytest.mark.slow  # the module's export: ~10-20 s on 2 shared cores
 def test_evaluator_runs_each_size_and_refuses_others(flexible):
     """Outputs follow the input size (strides 4..32) and match the eager backbone; 128x64 is not declared."""
     from nextvit_deploy.backends.coreml_mil import MilEvaluator
@@ -79,6 +82,22 @@ def test_evaluator_runs_each_size_and_refuses_others(flexible):
             assert np.abs(got[name] - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
     with pytest.raises(BadInput, match=r"takes only 1x3x64x64, 1x3x96x64.*--image-sizes"):
         ev.run({"input": np.zeros((1, 3, 128, 64), np.float32)})
+
+
+@pytest.mark.slow
+def test_fp16_image_input_verifies_at_each_size(tmp_path):
+    """An image input declares enumerated *sizes* (not shapes); the fp16 program passes fp16's gate at each."""
+    from nextvit_deploy.backends.coreml_mil import enumerated_input_shapes
+    from nextvit_deploy.export import ExportRequest, export
+    from nextvit_deploy.verify import verify
+
+    sizes = ((64, 96), (96, 64), (64, 64))
+    art = export(ExportRequest(target="coreml", precision="fp16", out_dir=tmp_path, depths=SMALL_DEPTHS, seed=3,
+                               features_only=True, input_kind="image", image_size=sizes[0], image_sizes=sizes))
+    assert enumerated_input_shapes(art.path) == {"input": [(1, 3, h, w) for h, w in sizes]}
+    report = verify(art.path)
+    assert len(report.cases) == 6 and report.passed, report.cases
+    assert {c.case.split("@")[1] for c in report.cases} == {"64x96", "96x64", "64x64"}
 
 
 def test_trace_check_catches_a_baked_size():

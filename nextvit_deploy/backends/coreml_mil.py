@@ -373,7 +373,31 @@ def _concat(a: _Args) -> torch.Tensor:
     if bool(a.const("interleave", False)):
         a.refuse("interleave=True")
     values = a.tensors("values")
+    if all(v.dim() == 0 for v in values):  # MIL: rank-0 values join as length-1 pieces into a rank-1 result
+        return torch.stack(values)
     return torch.cat(values, dim=_axis(int(a.const("axis")), values[0].dim()))
+
+
+def _shape(a: _Args) -> torch.Tensor:
+    """The input's shape as an int32 vector (flexible-shape programs rebuild reshape targets from it)."""
+    return torch.tensor(list(a.tensor("x").shape), dtype=torch.int32)
+
+
+def _gather(a: _Args) -> torch.Tensor:
+    """``numpy.take(x, indices, axis)``: indices of any rank (a scalar drops the axis), negative ones from the end."""
+    x, idx = a.tensor("x"), a.tensor("indices")
+    if int(a.const("batch_dims", 0)) != 0:
+        a.refuse(f"batch_dims={a.const('batch_dims')}")
+    if idx.is_floating_point():
+        a.refuse("float indices")
+    axis = _axis(int(a.const("axis", 0)), x.dim())
+    n = x.shape[axis]
+    idx = idx.long()
+    if bool(((idx < -n) | (idx >= n)).any()):
+        a.refuse(f"indices {idx.tolist()} outside [-{n}, {n})")
+    idx = torch.where(idx < 0, idx + n, idx)
+    picked = x.index_select(axis, idx.reshape(-1))
+    return picked.reshape([*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]])
 
 
 def _cast(a: _Args) -> torch.Tensor:
@@ -434,6 +458,8 @@ SUPPORTED_OPS: dict[str, Callable[[_Args], Any]] = {
     "matmul": _matmul,
     "softmax": _softmax,
     "concat": _concat,
+    "shape": _shape,
+    "gather": _gather,
     "cast": _cast,
     "reduce_mean": _reduce_mean,
     "batch_norm": _batch_norm,
