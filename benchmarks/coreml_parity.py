@@ -17,8 +17,10 @@ Usage:
         [--out benchmarks/results] [--keep DIR]
 
 Rows already in ``--out``'s coreml_parity.json for other (variant, precision, size, accumulate) keys are
-kept, so the table can be built one heavy run at a time. Expected run time on 2 CPU cores: S ~3 min per
-precision, B ~6, L ~12 (export ~1-3 min each, the MIL evaluator ~1-5 s per image).
+kept, so the table can be built one heavy run at a time. Measured: S fp32 + fp16 took 528 s on 2 shared
+CPU cores (export ~50-70 s, verify + 24 agreement images through the MIL evaluator ~3 min per precision);
+B and L scale with their parameters (~1.4x and ~1.9x S), so the whole table (3 variants x 3 precisions,
+accumulate fp32) is about an hour there, less on an idle machine.
 """
 from __future__ import annotations
 
@@ -189,8 +191,8 @@ def parse_args(argv=None):
             if not sep or not value:
                 ap.error(f"--checkpoint {item!r}: use VARIANT=PATH, e.g. s=nextvit_small.pth")
             args.checkpoints[canonical_variant(key.strip())] = value if value.startswith("hf-hub:") else Path(value)
-    except Exception as exc:  # BadInput from canonical_variant: one line
-        ap.error(str(exc))
+    except Exception as exc:  # BadInput from canonical_variant: one line, naming this script's flags
+        ap.error(str(exc).split(" (pass ")[0] + " (in --variants / --checkpoint)")
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     bad = [p for p in args.precisions if p not in TARGETS["coreml"].precisions]
     if bad:
@@ -222,7 +224,8 @@ def main(argv=None) -> None:
     new_keys = {tuple(r[k] for k in key) for r in rows}
     order = {v: i for i, v in enumerate(("nextvit_small", "nextvit_base", "nextvit_large"))}
     merged = [r for r in old if tuple(r.get(k) for k in key) not in new_keys] + rows
-    merged.sort(key=lambda r: (order.get(r["variant"], 9), r["image_size"], r["precision"], r["accumulate"]))
+    prec = {p: i for i, p in enumerate(("fp32", "fp16", "int8"))}
+    merged.sort(key=lambda r: (order.get(r["variant"], 9), r["image_size"], prec.get(r["precision"], 9), r["accumulate"]))
     doc = {
         "benchmark": NAME,
         "command": " ".join(["python", "benchmarks/coreml_parity.py", *(argv if argv is not None else sys.argv[1:])]),
