@@ -18,6 +18,15 @@ Why this needs an *unfrozen* trace, and why that works with coremltools 9.0:
 * Freezing and flexible shapes must never be combined: a frozen trace still converts, but its reshapes
   hold the traced size and would be wrong (or fail) at every other size.
 
+* When only one side varies the reshape targets are constants with a ``-1``; when both vary coremltools
+  rebuilds them at run time with ``shape -> gather -> concat -> reshape`` (ops the MIL evaluator knows).
+
+Alternative checked and not used: one frozen trace per size as the functions of a multifunction package
+(``ct.utils.MultiFunctionDescriptor`` + ``save_multifunction``). It converts, the weights are stored once
+(a tiny backbone: 57.6 MB for two functions vs 57.5 MB for one) and the evaluator runs each function
+exactly, but it needs iOS 18 / macOS 15 and the app must pick a function by name when loading, whereas
+enumerated shapes work from iOS 16 and Core ML picks the shape from the input.
+
 So the package is traced once, at the first (default) size, *without* freezing; :func:`check_trace_sizes`
 runs the trace at every listed size against the eager model before conversion (a trace that baked in a
 size would fail there, not on a user's device), and ``verify`` checks the package at every size.
