@@ -81,9 +81,13 @@ def load_object(spec: str) -> Callable:
 
 
 def artifact_name(variant: str, target: str, precision: str, height: int, width: int, *,
-                  features_only: bool = False, suffix: str | None = None) -> str:
-    """MMDeploy-style name: ``nextvit_small-onnx-fp32-224.onnx`` (``256x320`` when not square)."""
+                  features_only: bool = False, suffix: str | None = None,
+                  sizes: tuple[tuple[int, int], ...] | None = None) -> str:
+    """MMDeploy-style name: ``nextvit_small-onnx-fp32-224.onnx`` (``256x320`` when not square; a package with
+    enumerated ``sizes`` lists them all: ``...-coreml-fp32-512x512+640x640.mlpackage``)."""
     size = str(height) if height == width else f"{height}x{width}"
+    if sizes:
+        size = "+".join(f"{h}x{w}" for h, w in sizes)
     head = "-backbone" if features_only else ""
     return f"{variant}{head}-{target}-{precision}-{size}{suffix or get_target(target).suffix}"
 

@@ -1,7 +1,8 @@
 """``nextvit-deploy verify``: run an artifact and its PyTorch reference on the same inputs and compare.
 
 Inputs: real photos from ``skimage.data`` with the model's preprocessing, and uniform-noise images, each
-at batch 1 and at the largest batch the artifact accepts. The reference is rebuilt from the manifest
+at batch 1 and at the largest batch the artifact accepts, and at every input size the artifact declares (a
+Core ML backbone with enumerated sizes is checked at each). The reference is rebuilt from the manifest
 alone (checkpoint + sha256, or the seed of a random initialisation with realistic BatchNorm
 statistics). The candidate runner comes from the artifact's target row in ``TARGETS``.
 """
@@ -20,7 +21,7 @@ from .parity import ParityReport, Tolerance, compare_outputs, tolerance_for
 from .reference import reference_model
 from .targets import runner_for
 
-__all__ = ["verify", "verify_artifact", "load_artifact", "candidate_input", "parity_cases"]
+__all__ = ["verify", "verify_artifact", "load_artifact", "candidate_input", "parity_cases", "image_sizes_of"]
 
 Progress = Callable[[str], None]
 MAX_INPUT_IMAGES = 256  # verify --inputs compares at most this many (eval streams any number)
@@ -53,15 +54,25 @@ def user_input_cases(artifact: Artifact, inputs: str | Path, batch: int) -> tupl
     return cases, stream.summary()
 
 
-def parity_cases(artifact: Artifact, *, max_batch: int | None = None) -> list[tuple[str, np.ndarray]]:
-    """(case name, images in [0, 1]) pairs: photos and noise, at batch 1 and the artifact's largest batch."""
+def image_sizes_of(artifact: Artifact) -> list[tuple[int, int]]:
+    """Every input size the artifact accepts: its enumerated sizes (``details.image_sizes``), else its one size."""
+    sizes = artifact.details.get("image_sizes")
+    return [(int(h), int(w)) for h, w in sizes] if sizes else [artifact.image_size]
+
+
+def parity_cases(artifact: Artifact, *, max_batch: int | None = None,
+                 image_size: tuple[int, int] | None = None) -> list[tuple[str, np.ndarray]]:
+    """(case name, images in [0, 1]) pairs: photos and noise, at batch 1 and the artifact's largest batch,
+    at ``image_size`` (defaults to the artifact's; a size passed here is named in the case)."""
     lo, _, hi = artifact.batch
     batches = sorted({lo, min(hi, max_batch) if max_batch else hi})
     crop = artifact.preprocessing.get("crop_pct", 0.95)
+    size = tuple(image_size or artifact.image_size)
+    at = "" if image_size is None else f" @{size[0]}x{size[1]}"
     cases = []
     for b in batches:
-        cases.append((f"photos x{b}", photos(b, artifact.image_size, crop_pct=crop)))
-        cases.append((f"noise x{b}", noise_images(b, artifact.image_size, seed=b)))
+        cases.append((f"photos x{b}{at}", photos(b, size, crop_pct=crop)))
+        cases.append((f"noise x{b}{at}", noise_images(b, size, seed=b)))
     # 8-bit pixels, as a camera or an image input (Core ML) delivers them: both sides then see the same values.
     return [(name, np.rint(images * 255.0).astype(np.float32) / 255.0) for name, images in cases]
 
@@ -76,8 +87,14 @@ def verify_artifact(artifact: Artifact, *, tolerance: Tolerance | None = None, m
     """
     say = progress or (lambda _m: None)
     tol = tolerance or tolerance_for(artifact.precision)
-    cases = parity_cases(artifact, max_batch=max_batch)
-    notes = []
+    sizes = image_sizes_of(artifact)
+    if len(sizes) == 1:
+        cases = parity_cases(artifact, max_batch=max_batch)
+        notes = []
+    else:  # every enumerated size, each case named with its size
+        cases = [c for s in sizes for c in parity_cases(artifact, max_batch=max_batch, image_size=s)]
+        notes = [f"verified at each of the {len(sizes)} enumerated input sizes: "
+                 + ", ".join(f"{h}x{w}" for h, w in sizes)]
     if inputs is not None:
         hi = artifact.batch[2]
         extra, summary = user_input_cases(artifact, inputs, min(hi, max_batch) if max_batch else hi)

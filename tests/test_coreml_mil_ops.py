@@ -410,3 +410,30 @@ def test_linear_fp16_accumulation(run_op):
     np.testing.assert_allclose(harsh, want, rtol=0, atol=np.abs(want).max() * 2 ** -10)  # one fp16 ulp
     exact = (x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T)
     assert np.abs(harsh - exact).max() > np.abs(kind - exact).max()  # the fp16 running sum is the harsher bound
+
+
+# ---------------------------------------------------------------------------------------------------
+# flexible-shape plumbing: a program whose height and width both vary rebuilds reshape targets with
+# shape -> gather -> concat (of rank-0 values) -> reshape (export --image-sizes)
+# ---------------------------------------------------------------------------------------------------
+def test_shape_gather_concat_rebuild_a_reshape_target(run_op):
+    x = rnd(2, 3, 4, 5)
+
+    def prog(mb, x):
+        dims = mb.shape(x=x)
+        flat = mb.reshape(x=x, shape=[2, 3, -1])
+        target = mb.concat(values=[mb.gather(x=dims, indices=i, axis=0) for i in (0, 1, 2, 3)], axis=0)
+        return mb.reshape(x=mb.mul(x=flat, y=2.0), shape=target), dims
+
+    (y, dims), ev = run_op(prog, x=x)
+    assert {"shape": 1, "gather": 4, "concat": 1}.items() <= ev.op_counts().items()  # ops, not folded constants
+    assert dims.dtype == np.int32 and dims.tolist() == [2, 3, 4, 5]
+    close(y, t(x) * 2.0)
+
+
+@pytest.mark.parametrize("indices,axis", [(np.array([2, 0, -1], np.int32), 1), (np.array([[1, 0], [0, 1]], np.int32), 0),
+                                          (-2, 2)])
+def test_gather(run_op, indices, axis):
+    x = rnd(2, 3, 4)
+    (y,), _ = run_op(lambda mb, x: mb.gather(x=x, indices=indices, axis=axis), x=x)
+    close(y, np.take(x, indices, axis=axis))

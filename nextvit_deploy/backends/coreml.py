@@ -69,12 +69,16 @@ class CoreMLRunner(Runner):
         output_map: artifact output name -> Core ML output name. Defaults to identity.
         class_labels: for a classifier package, the label order used to turn the score dictionary
             back into a ``logits`` array. Defaults to none.
+        image_sizes: the (height, width) sizes of a package with enumerated input sizes (Core ML itself
+            refuses any other size). Defaults to none (``input_shape`` only).
     """
 
     def __init__(self, path: str | Path, *, compute_units: str = "ALL", input_kind: str = "tensor",
                  input_shape: tuple[int, int, int, int] = (1, 3, 224, 224),
-                 output_map: Mapping[str, str] | None = None, class_labels: Sequence[str] | None = None):
+                 output_map: Mapping[str, str] | None = None, class_labels: Sequence[str] | None = None,
+                 image_sizes: Sequence[Sequence[int]] | None = None):
         super().__init__()
+        self.image_sizes = [tuple(s) for s in image_sizes] if image_sizes else []
         self.path = Path(path)
         self.compute_units = str(compute_units).upper()
         if self.compute_units not in COMPUTE_UNITS:
@@ -98,6 +102,8 @@ class CoreMLRunner(Runner):
         self.model = None
 
     def _inputs_impl(self) -> list[TensorSpec]:
+        if len(self.image_sizes) > 1:  # enumerated sizes: Core ML checks the size itself
+            return [TensorSpec("input", "float32", (*self.input_shape[:2], None, None))]
         return [TensorSpec("input", "float32", self.input_shape)]
 
     def _feeds(self, x: np.ndarray) -> list[dict[str, Any]]:
@@ -151,7 +157,8 @@ def runner_for_artifact(artifact, *, compute_units: str | None = None, backend: 
         return CoreMLRunner(artifact.path, compute_units=str(compute_units or "ALL").upper(),
                             input_kind=artifact.preprocessing.get("input_kind", "tensor"),
                             input_shape=artifact.input_shape, output_map=_output_map(artifact),
-                            class_labels=artifact.details.get("class_labels"))
+                            class_labels=artifact.details.get("class_labels"),
+                            image_sizes=artifact.details.get("image_sizes"))
     from .coreml_mil import MilRunner
 
     runner = MilRunner(artifact.path, output_map=_output_map(artifact), input_name=artifact.input_name,

@@ -33,7 +33,8 @@ from ..errors import ArtifactError, BadInput, DeployError
 from .base import Runner, TensorSpec
 
 ACCUMULATE = ("fp32", "fp16")
-__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program"]
+__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program",
+           "enumerated_input_shapes"]
 
 
 class UnsupportedMilOp(DeployError):
@@ -80,6 +81,25 @@ def load_program(path: str | Path):
         raise ArtifactError(f"{p} holds a {spec.WhichOneof('Type')} model, not an ML Program: "
                             "re-export with nextvit-deploy export --target coreml")
     return load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+
+
+def enumerated_input_shapes(path: str | Path) -> dict[str, list[tuple[int, ...]]]:
+    """Input name -> the shapes a package's ``EnumeratedShapes`` input accepts (only such inputs are listed).
+
+    An image input lists (height, width) sizes; they are returned as full NCHW shapes like a tensor's.
+    """
+    from .._deps import import_coremltools
+
+    ct = import_coremltools(purpose="reading Core ML packages")
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    found: dict[str, list[tuple[int, ...]]] = {}
+    for inp in spec.description.input:
+        kind = inp.type.WhichOneof("Type")
+        if kind == "multiArrayType" and inp.type.multiArrayType.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
+            found[inp.name] = [tuple(int(d) for d in s.shape) for s in inp.type.multiArrayType.enumeratedShapes.shapes]
+        elif kind == "imageType" and inp.type.imageType.WhichOneof("SizeFlexibility") == "enumeratedSizes":
+            found[inp.name] = [(1, 3, int(s.height), int(s.width)) for s in inp.type.imageType.enumeratedSizes.sizes]
+    return found
 
 
 def _dtype_name(var) -> str | None:
@@ -353,7 +373,31 @@ def _concat(a: _Args) -> torch.Tensor:
     if bool(a.const("interleave", False)):
         a.refuse("interleave=True")
     values = a.tensors("values")
+    if all(v.dim() == 0 for v in values):  # MIL: rank-0 values join as length-1 pieces into a rank-1 result
+        return torch.stack(values)
     return torch.cat(values, dim=_axis(int(a.const("axis")), values[0].dim()))
+
+
+def _shape(a: _Args) -> torch.Tensor:
+    """The input's shape as an int32 vector (flexible-shape programs rebuild reshape targets from it)."""
+    return torch.tensor(list(a.tensor("x").shape), dtype=torch.int32)
+
+
+def _gather(a: _Args) -> torch.Tensor:
+    """``numpy.take(x, indices, axis)``: indices of any rank (a scalar drops the axis), negative ones from the end."""
+    x, idx = a.tensor("x"), a.tensor("indices")
+    if int(a.const("batch_dims", 0)) != 0:
+        a.refuse(f"batch_dims={a.const('batch_dims')}")
+    if idx.is_floating_point():
+        a.refuse("float indices")
+    axis = _axis(int(a.const("axis", 0)), x.dim())
+    n = x.shape[axis]
+    idx = idx.long()
+    if bool(((idx < -n) | (idx >= n)).any()):
+        a.refuse(f"indices {idx.tolist()} outside [-{n}, {n})")
+    idx = torch.where(idx < 0, idx + n, idx)
+    picked = x.index_select(axis, idx.reshape(-1))
+    return picked.reshape([*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]])
 
 
 def _cast(a: _Args) -> torch.Tensor:
@@ -414,6 +458,8 @@ SUPPORTED_OPS: dict[str, Callable[[_Args], Any]] = {
     "matmul": _matmul,
     "softmax": _softmax,
     "concat": _concat,
+    "shape": _shape,
+    "gather": _gather,
     "cast": _cast,
     "reduce_mean": _reduce_mean,
     "batch_norm": _batch_norm,
@@ -442,7 +488,8 @@ class MilEvaluator:
         UnsupportedMilOp: the function uses op types outside :data:`SUPPORTED_OPS` (all are named).
     """
 
-    def __init__(self, program, *, function: str = "main", accumulate: str = "fp32"):
+    def __init__(self, program, *, function: str = "main", accumulate: str = "fp32",
+                 allowed_shapes: Mapping[str, Sequence[tuple[int, ...]]] | None = None):
         if accumulate not in ACCUMULATE:
             raise BadInput(f"unknown accumulation {accumulate!r}: choose one of {', '.join(ACCUMULATE)} with --accumulate")
         self.accumulate = accumulate
@@ -457,6 +504,8 @@ class MilEvaluator:
                                    "verify this package on macOS with Core ML, or add them to "
                                    "nextvit_deploy/backends/coreml_mil.py with a test")
         self.input_vars = dict(func.inputs)
+        # inputs with symbolic dimensions (a package's EnumeratedShapes): the shapes Core ML accepts
+        self.allowed_shapes = {k: [tuple(s) for s in v] for k, v in (allowed_shapes or {}).items()}
         self.output_names = [v.name for v in func.outputs]
         self.consts: dict[str, Any] = {}
         for op in self.ops:
@@ -467,13 +516,14 @@ class MilEvaluator:
 
     @classmethod
     def from_package(cls, path: str | Path, *, function: str = "main", accumulate: str = "fp32") -> MilEvaluator:
-        return cls(load_program(path), function=function, accumulate=accumulate)
+        program = load_program(path)
+        return cls(program, function=function, accumulate=accumulate, allowed_shapes=enumerated_input_shapes(path))
 
     def op_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(op.op_type for op in self.ops).items()))
 
     def input_specs(self) -> list[TensorSpec]:
-        return [TensorSpec(name, "float32", tuple(int(d) for d in var.shape)) for name, var in self.input_vars.items()]
+        return [TensorSpec(name, "float32", _declared(var.shape)) for name, var in self.input_vars.items()]
 
     def _liveness(self, func) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -496,9 +546,17 @@ class MilEvaluator:
             if name not in feed:
                 raise DeployError(f"internal: no value for program input {name!r}")
             arr = np.asarray(feed[name])
-            want = tuple(int(d) for d in var.shape)
-            if arr.shape != want:
+            want = _declared(var.shape)
+            if len(arr.shape) != len(want) or any(d is not None and d != a for d, a in zip(want, arr.shape)):
                 raise DeployError(f"internal: program input {name!r} is {want}, got {arr.shape}")
+            allowed = self.allowed_shapes.get(name)
+            if None in want and allowed is not None and tuple(arr.shape) not in allowed:
+                listed = ", ".join("x".join(map(str, s)) for s in allowed)
+                raise BadInput(f"input {name!r} is {'x'.join(map(str, arr.shape))} but the package takes only {listed}: "
+                               "resize the input, or re-export with --image-sizes listing this size")
+            if None in want and allowed is None:
+                raise DeployError(f"internal: program input {name!r} has flexible dimensions {want} but no list of "
+                                  "the shapes it accepts")
             env[name] = _store(torch.from_numpy(np.ascontiguousarray(arr)), var)
         with torch.inference_mode():
             for i, op in enumerate(self.ops):
@@ -520,6 +578,11 @@ class MilEvaluator:
             value = env[name]
             out[name] = value.numpy() if isinstance(value, torch.Tensor) else value
         return out
+
+
+def _declared(shape) -> tuple[int | None, ...]:
+    """A MIL input's shape with symbolic dimensions (``is0``, from flexible input shapes) as None."""
+    return tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in shape)
 
 
 def _const_value(var) -> Any:

@@ -36,6 +36,8 @@ Examples:
   nextvit-deploy export --target trt --precision int8 --calib-method entropy --int8-float fp32
 
   nextvit-deploy export --target coreml --precision fp16 --input-kind image
+
+  nextvit-deploy export --target coreml --backbone --image-sizes 512x512,640x640,800x1216
 """
 
 
@@ -50,6 +52,7 @@ TARGET_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "device": ("--device", ("trt",)),
     "min_target": ("--min-target", ("coreml",)),
     "labels": ("--labels", ("coreml",)),
+    "image_sizes": ("--image-sizes", ("coreml",)),
 }
 CALIBRATION_ONLY: dict[str, str] = {"calib_dir": "--calib-dir", "calib_images": "--calib-images"}
 # TensorRT-convention INT8 options (export/int8.py Int8Options).
@@ -80,6 +83,9 @@ def check_applicable(ctx: typer.Context, *, target: str, precision: str, checkpo
     if given(ctx, "int8_weight_bits") and (target, precision) != ("onnx", "int8"):
         raise BadInput(f"--int8-weight-bits applies only to --target onnx --precision int8, not {precision} {target}: "
                        "drop --int8-weight-bits")
+    if given(ctx, "image_sizes") and given(ctx, "image_size"):
+        raise BadInput("--image-size and --image-sizes both set the input size: drop --image-size (the first of "
+                       "--image-sizes is the default size)")
     if given(ctx, "seed") and checkpoint is not None:
         raise BadInput("--seed applies only to random weights, not with --checkpoint: drop --seed")
 
@@ -117,6 +123,9 @@ def export_cmd(
     min_target: Annotated[str, typer.Option(help="Core ML: minimum deployment target (iOS16, macOS13, ...).")] = "iOS16",
     input_kind: Annotated[str, typer.Option(help="Core ML: 'tensor' (normalised) or 'image' (RGB 0..255).")] = "tensor",
     labels: Annotated[Path | None, typer.Option(help="Core ML: class labels file, one per line.")] = None,
+    image_sizes: Annotated[str | None, typer.Option(
+        help="Core ML --backbone: several input sizes in one package (EnumeratedShapes), HEIGHTxWIDTH multiples of 32 "
+             "separated by commas, e.g. 512x512,640x640,800x1216; the first is the default.")] = None,
     json_path: JsonOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing artifact of the same name that holds other weights.")] = False,
@@ -134,9 +143,18 @@ def export_cmd(
     from ..export import ExportRequest, canonical_variant, export, parse_batch, parse_image_size
     from ..report import artifact_table, write_json
 
+    sizes = None
+    if image_sizes is not None:
+        from ..export.coreml_shapes import parse_image_sizes
+
+        if not backbone:
+            raise BadInput("--image-sizes needs --backbone (several sizes are for feature maps; a classifier takes "
+                           "one): add --backbone or pass one --image-size")
+        sizes = parse_image_sizes(image_sizes)
     canonical = canonical_variant(variant)
     req = ExportRequest(
-        target=target.value, precision=precision.value, variant=canonical, image_size=parse_image_size(image_size),
+        target=target.value, precision=precision.value, variant=canonical,
+        image_size=sizes[0] if sizes else parse_image_size(image_size), image_sizes=sizes,
         batch=parse_batch(batch), opset=opset, out_dir=out_dir, checkpoint=checkpoint, seed=seed,
         features_only=backbone, simplify=simplify, calib_dir=calib_dir, calib_images=calib_images,
         workspace_gb=workspace_gb, timing_cache=timing_cache, builder_opt_level=opt_level,

@@ -73,6 +73,8 @@ class ExportRequest:
     min_deployment_target: str = "iOS16"
     input_kind: str = "tensor"  # "tensor" (normalised float input) or "image" (RGB 0..255)
     class_labels: Path | None = None
+    # Core ML backbone with enumerated input sizes (the first is image_size, the default); see coreml_shapes.py
+    image_sizes: tuple[tuple[int, int], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # INT8, TensorRT convention (see export/int8.py Int8Options)
     calib_method: str = "max"
@@ -123,7 +125,7 @@ class ExportRequest:
     def output_path(self, suffix: str | None = None) -> Path:
         h, w = self.image_size
         return self.out_dir / artifact_name(self.variant, self.target, self.precision, h, w,
-                                            features_only=self.features_only, suffix=suffix)
+                                            features_only=self.features_only, suffix=suffix, sizes=self.image_sizes)
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -219,6 +221,11 @@ def validate_request(req: ExportRequest) -> ExportRequest:
         check_input_size(h, w, cfg.sr_ratios)
     except InputSizeError as exc:
         raise BadInput(f"{exc} (pass --image-size)") from None
+    if req.image_sizes is not None:
+        from .coreml_shapes import check_image_sizes
+
+        check_image_sizes(req, sr_ratios=cfg.sr_ratios, max_side=MAX_SIDE)
+        h, w = max(req.image_sizes, key=lambda s: s[0] * s[1])  # the memory check below: the largest size
     need, have = estimate_export_bytes(req.batch[2], h, w), _physical_memory_bytes()
     if have is not None and need > 0.8 * have:
         raise BadInput(f"--batch {req.batch[2]} at --image-size {h}x{w} needs about {_gb(need)} to export but this "

@@ -26,6 +26,8 @@ coremltools' ``int`` converter calls ``int()`` on a one-element array, which num
 ("only 0-dimensional arrays can be converted to Python scalars"). Since the exported shape is static,
 :func:`freeze_traced_shapes` replaces every ``aten::size`` of the traced graph with its traced constant
 and constant-folds the arithmetic away before conversion, so no ``int`` op reaches the converter.
+A backbone with several enumerated input sizes (``image_sizes``) is traced unfrozen instead, where the
+crash does not occur: see :mod:`.coreml_shapes`.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from ..artifact import Artifact, tool_versions
 from ..errors import BadInput, DeployError
 from ..manifest import output_names_for, preprocessing_for
 from . import ExportRequest, build_deploy_model
+from .coreml_shapes import check_trace_sizes, enumerated_shapes, shape_details, size_label
 from .pipeline import export_stage
 
 __all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "parse_deployment_target", "read_class_labels",
@@ -309,7 +312,14 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, example, check_trace=False)
-    sizes_frozen = freeze_traced_shapes(traced)
+    sizes = req.image_sizes
+    flexible = {}
+    if sizes:  # enumerated sizes: symbolic sizes, nothing to freeze (coreml_shapes.py says why it converts)
+        sizes_frozen = 0
+        flexible = shape_details(sizes, check_trace_sizes(wrapper, traced, sizes, batch=req.batch[1],
+                                                          image_input=image_input, progress=progress))
+    else:
+        sizes_frozen = freeze_traced_shapes(traced)
     with torch.no_grad():
         want, got = wrapper(example), traced(example)
     want = want if isinstance(want, tuple) else (want,)
@@ -319,11 +329,12 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         raise DeployError(f"internal: the shape-frozen trace differs from the model by {drift:.2e}")
 
     names = output_names_for(req.features_only)
+    input_shape = enumerated_shapes(ct, sizes, req.batch[1]) if sizes else shape
     if image_input:
-        ct_input = ct.ImageType(name="input", shape=shape, color_layout=ct.colorlayout.RGB, scale=1.0,
+        ct_input = ct.ImageType(name="input", shape=input_shape, color_layout=ct.colorlayout.RGB, scale=1.0,
                                 bias=[0.0, 0.0, 0.0], channel_first=True)
     else:
-        ct_input = ct.TensorType(name="input", shape=shape, dtype=np.float32)
+        ct_input = ct.TensorType(name="input", shape=input_shape, dtype=np.float32)
     classifier = None
     outputs = [ct.TensorType(name=n, dtype=np.float32) for n in names]
     if labels is not None:
@@ -347,7 +358,8 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     kind = "classifier" if not req.features_only else "backbone (feat_s4..feat_s32)"
     takes = ("RGB image input 0..255 (ImageNet normalisation inside)" if image_input
              else "normalised float32 NCHW input")
-    mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {req.precision}, {h}x{w}, {takes}"
+    size_text = f"sizes {size_label(sizes).replace('+', ', ')}" if sizes else f"{h}x{w}"
+    mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {req.precision}, {size_text}, {takes}"
     model_version = f"{req.variant}@" + (f"sha256:{req.checkpoint_sha256[:12]}" if req.checkpoint_sha256
                                          else f"random-seed{req.seed}")
     mlmodel.version = model_version  # the model's version (weights); the exporter's is nextvit.exporter_version
@@ -362,9 +374,12 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     meta["nextvit.exporter_version"] = __version__
     if labels is not None:
         meta[PREVIEW_TYPE_KEY] = "imageClassifier"
+    any_of = size_label(sizes).replace("+", " or ") if sizes else ""  # HEIGHTxWIDTH each
+    dims = f"{req.batch[1]}x3x({any_of})" if sizes else "x".join(map(str, shape))
     mlmodel.input_description["input"] = (
-        f"RGB image {w}x{h}, pixels 0..255 (normalised inside with ImageNet mean/std)" if image_input
-        else f"float32 {'x'.join(map(str, shape))} NCHW, normalised: (pixel/255 - mean) / std, "
+        f"RGB image {f'(HxW) {any_of}' if sizes else f'{w}x{h}'}, pixels 0..255 (normalised inside with ImageNet "
+        "mean/std)" if image_input
+        else f"float32 {dims} NCHW, normalised: (pixel/255 - mean) / std, "
              f"mean={pre['mean']}, std={pre['std']}")
     if labels is not None:
         mlmodel.output_description[CLASSIFIER_LABEL_OUTPUT] = "most likely class label"
@@ -399,6 +414,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
                                   if labels is not None else None),
             "fused_batchnorms": fused.folded,
             "traced_sizes_frozen": sizes_frozen,
+            **flexible,
             "converter": "torch.jit.trace + coremltools.convert",
             "removed_passes": ["common::fuse_elementwise_to_batchnorm"],
             "convert_seconds": round(convert_s, 1),
