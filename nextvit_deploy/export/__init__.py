@@ -65,6 +65,9 @@ class ExportRequest:
     # INT8 calibration (trt int8, onnx int8)
     calib_dir: Path | None = None
     calib_images: int = 64
+    # Core ML fp16: measure activation ranges for the fp32-keep guard (the CLI sets it when --calib-dir or
+    # --calib-images is given; a calib_dir alone implies it). Without it only static rules apply.
+    calibrate_fp16: bool = False
     # TensorRT builder
     workspace_gb: float = 4.0
     timing_cache: Path | None = None
