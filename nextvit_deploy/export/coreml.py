@@ -398,8 +398,8 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         facts = _program_facts(tmp)
         if guard is not None:
             facts["precision_transform"] = guard.details(tmp)
-            for keep in guard.kept:
-                progress(f"fp32 kept: {keep.node} ({keep.op_type}): {keep.reason}")
+            for keep in facts["precision_transform"]["fp32_kept"]:
+                progress(f"fp32 kept: {keep['node']} ({keep['op_type']}): {keep['reason']}")
         details = {
             "convert_to": "mlprogram",
             "compute_precision": req.precision,

@@ -35,7 +35,7 @@ from .precision import FP16_MIN_NORMAL, Feeds, TensorRange, feed_batches, feed_c
 if TYPE_CHECKING:  # pragma: no cover
     from . import ExportRequest
 
-__all__ = ["MIL_EXP_LIKE_OPS", "CoreMLFp16Plan", "measure_program", "choose_fp32_ops", "static_reason",
+__all__ = ["MIL_EXP_LIKE_OPS", "CoreMLFp16Plan", "package_name", "measure_program", "choose_fp32_ops", "static_reason",
            "plan_coreml_fp16", "program_precision"]
 
 # MIL spellings of the ONNX transform's exp-like ops (fp16.EXP_LIKE_OPS)
@@ -46,6 +46,14 @@ BIAS_INPUTS = {"conv": "bias", "linear": "bias", "conv_transpose": "bias"}
 NOT_MEASURED = ("no activation ranges measured (no --calib-dir/--calib-images): static rules only, i.e. ops "
                 "reading an fp32 constant that overflows fp16 or is mostly below its normal range stay fp32; "
                 "pass --calib-images N (bundled photos) or --calib-dir DIR to measure")
+
+
+def package_name(name: str, *, prefix: str = "op_") -> str:
+    """The name an op (``prefix="op_"``) or a value (``"var_"``) gets in the saved package: coremltools'
+    backend sanitizes names to ``[a-zA-Z_][a-zA-Z0-9_]*`` (its ``NameSanitizer``), e.g. ``537`` -> ``op_537``."""
+    from coremltools.converters.mil.mil.passes.defs.preprocess import NameSanitizer
+
+    return NameSanitizer(prefix=prefix).sanitize_name(name)
 
 
 def _op_inputs(op) -> list:
@@ -67,7 +75,7 @@ def static_reason(op, policy: Fp16Policy) -> str | None:
             val = v.val
             if val is None:
                 continue
-            why = weight_risk(v.name, np.asarray(val), policy)
+            why = weight_risk(package_name(v.name, prefix="var_"), np.asarray(val), policy)
             if why:
                 return why
     return None
@@ -124,13 +132,14 @@ def measure_program(program, feeds: Feeds, *, batch: int,
     return acc.ranges()
 
 
-def choose_fp32_ops(program, ranges: dict[str, TensorRange], *, policy: Fp16Policy = Fp16Policy(),
-                    ) -> list[KeptNode]:
-    """The ops of ``program`` that must stay fp32 given measured ``ranges`` (the rules of :mod:`.fp16`).
+def choose_fp32_ops(program, ranges: dict[str, TensorRange], *, policy: Fp16Policy | None = None) -> list[KeptNode]:
+    """The ops of ``program`` that must stay fp32 given measured ``ranges`` (the rules of :mod:`.fp16`;
+    ``policy`` defaults to :class:`~.fp16.Fp16Policy` (), as on the TensorRT path).
 
     Returns:
         One :class:`~.fp16.KeptNode` (node = MIL op name) per kept op, in program order, first reason found.
     """
+    policy = policy or Fp16Policy()
     ops = [op for op in program.functions["main"].operations if op.op_type != "const"]
     producers = {v.name: op for op in ops for v in op.outputs}
     consumers: dict[str, list] = {}
@@ -139,7 +148,7 @@ def choose_fp32_ops(program, ranges: dict[str, TensorRange], *, policy: Fp16Poli
             consumers.setdefault(v.name, []).append(op)
     reasons: dict[str, str] = {}
     for name, r in ranges.items():
-        why = activation_risk(name, r, policy)
+        why = activation_risk(package_name(name, prefix="var_"), r, policy)
         if why:
             for op in ([producers[name]] if name in producers else []) + consumers.get(name, []):
                 reasons.setdefault(op.name, why)
@@ -214,9 +223,9 @@ class CoreMLFp16Plan:
         from ..backends.coreml_mil import load_program
 
         ops = program_precision(load_program(package))
-        kept = self.kept
-        unmatched = [k.node for k in kept if k.node not in self.seen]
-        wrong = [k.node for k in kept if k.node in self.seen and ops.get(k.node, {}).get("dtype") == "fp16"]
+        kept = [KeptNode(package_name(k.node), k.op_type, k.reason) for k in self.kept]  # as the package names them
+        unmatched = [k.node for k, pk in zip(self.kept, kept) if k.node not in self.seen or pk.node not in ops]
+        wrong = [k.node for k in kept if ops.get(k.node, {}).get("dtype") == "fp16"]
         if unmatched or wrong:
             raise DeployError(f"internal: fp16 guard could not keep op(s) {(unmatched + wrong)[:5]} in fp32 "
                               "(not offered to coremltools' fp16 pass under that name, or converted anyway)")
@@ -224,7 +233,7 @@ class CoreMLFp16Plan:
         return {"transform": "mixed-precision fp16 (coremltools FP16ComputePrecision op_selector; float32 I/O)",
                 "ranges_measured": bool(self.calibration), "fp32_kept": [k.to_dict() for k in kept],
                 "fp32_kept_count": len(kept), "fp16_ops": dtypes.count("fp16"), "fp32_ops": dtypes.count("fp32"),
-                "kept_ops_in_package": sum(1 for k in kept if ops.get(k.node, {}).get("dtype") == "fp32"),
+                "kept_ops_in_package": sum(1 for k in kept if ops[k.node]["dtype"] == "fp32"),
                 "policy": self.policy.to_dict(), "ranges": self.ranges_summary, "calibration": self.calibration}
 
 
@@ -241,7 +250,7 @@ def _summary(program, ranges: dict[str, TensorRange], policy: Fp16Policy) -> dic
 
 
 def plan_coreml_fp16(req: ExportRequest, convert_fp32: Callable[[], Any], *, progress: Callable[[str], None],
-                     policy: Fp16Policy = Fp16Policy()) -> CoreMLFp16Plan:
+                     policy: Fp16Policy | None = None) -> CoreMLFp16Plan:
     """Decide the fp32 ops of a Core ML fp16 export (see the module docstring).
 
     Args:
@@ -252,6 +261,7 @@ def plan_coreml_fp16(req: ExportRequest, convert_fp32: Callable[[], Any], *, pro
         progress: one-line progress callback.
         policy: thresholds. Defaults to :class:`~.fp16.Fp16Policy` (), as on the TensorRT path.
     """
+    policy = policy or Fp16Policy()
     if req.calib_dir is None and not req.calibrate_fp16:
         progress("fp16 guard: " + NOT_MEASURED)
         return CoreMLFp16Plan(planned=[], policy=policy, calibration=None,
@@ -267,5 +277,5 @@ def plan_coreml_fp16(req: ExportRequest, convert_fp32: Callable[[], Any], *, pro
     progress("fp16 guard: converting an fp32 program to measure")
     program = convert_fp32()
     ranges = measure_program(program, calib.feeds, batch=req.batch[1], progress=progress)
-    return CoreMLFp16Plan(planned=choose_fp32_ops(program, ranges, policy=policy), policy=policy, calibration=calib.describe(),
-                          ranges_summary=_summary(program, ranges, policy))
+    return CoreMLFp16Plan(planned=choose_fp32_ops(program, ranges, policy=policy), policy=policy,
+                          calibration=calib.describe(), ranges_summary=_summary(program, ranges, policy))
