@@ -215,25 +215,36 @@ class CoreMLFp16Plan:
         return ct.transform.FP16ComputePrecision(op_selector=op_selector)
 
     def details(self, package: Path) -> dict[str, Any]:
-        """The manifest record (same keep-list shape as the TensorRT path), checked against the saved package.
+        """The manifest record, checked against the saved package.
+
+        ``fp32_kept`` has the TensorRT keep-list's shape (``node``, ``op_type``, ``reason``; nodes named as in
+        the package) and lists every compute op that runs in fp32: the guard's, plus any coremltools keeps by
+        its own rules (it never offers such ops to the selector). ``fp32_not_applied`` lists guard decisions
+        coremltools' fp16 pass never offered (ops it creates later); those run in fp16.
 
         Raises:
-            DeployError: a kept op computes in fp16 in the package (the selector did not reach it).
+            DeployError: an op the selector kept computes in fp16 in the package.
         """
         from ..backends.coreml_mil import load_program
 
         ops = program_precision(load_program(package))
-        kept = [KeptNode(package_name(k.node), k.op_type, k.reason) for k in self.kept]  # as the package names them
-        unmatched = [k.node for k, pk in zip(self.kept, kept) if k.node not in self.seen or pk.node not in ops]
-        wrong = [k.node for k in kept if ops.get(k.node, {}).get("dtype") == "fp16"]
-        if unmatched or wrong:
-            raise DeployError(f"internal: fp16 guard could not keep op(s) {(unmatched + wrong)[:5]} in fp32 "
-                              "(not offered to coremltools' fp16 pass under that name, or converted anyway)")
+        named = [(k, KeptNode(package_name(k.node), k.op_type, k.reason)) for k in self.kept]
+        wrong = [pk.node for k, pk in named if k.node in self.seen and ops.get(pk.node, {}).get("dtype") == "fp16"]
+        if wrong:
+            raise DeployError(f"internal: the fp16 guard kept op(s) {wrong[:5]} in fp32 but the package computes "
+                              "them in fp16")
+        applied = [pk for k, pk in named if k.node in self.seen and pk.node in ops]
+        not_applied = [pk for k, pk in named if k.node not in self.seen or pk.node not in ops]
+        ours = {k.node for k in applied}
+        by_coremltools = [KeptNode(name, o["op_type"], "kept in fp32 by coremltools' own fp16 rules (an fp32 "
+                                   "constant beyond fp16's range, or an op it never converts)")
+                          for name, o in ops.items() if o["dtype"] == "fp32" and name not in ours]
+        kept = [*applied, *by_coremltools]
         dtypes = [o["dtype"] for o in ops.values()]
         return {"transform": "mixed-precision fp16 (coremltools FP16ComputePrecision op_selector; float32 I/O)",
                 "ranges_measured": bool(self.calibration), "fp32_kept": [k.to_dict() for k in kept],
-                "fp32_kept_count": len(kept), "fp16_ops": dtypes.count("fp16"), "fp32_ops": dtypes.count("fp32"),
-                "kept_ops_in_package": sum(1 for k in kept if ops[k.node]["dtype"] == "fp32"),
+                "fp32_kept_count": len(kept), "fp32_not_applied": [k.to_dict() for k in not_applied],
+                "fp16_ops": dtypes.count("fp16"), "fp32_ops": dtypes.count("fp32"),
                 "policy": self.policy.to_dict(), "ranges": self.ranges_summary, "calibration": self.calibration}
 
 
