@@ -254,7 +254,8 @@ def _summary(program, ranges: dict[str, TensorRange], policy: Fp16Policy) -> dic
                   if op.op_type in MIL_EXP_LIKE_OPS and op.inputs.get("x") is not None
                   and op.inputs["x"].name in ranges]
     return {"tensors_measured": len(ranges),
-            "largest_activations": [{"tensor": n, "absmax": float(f"{a:.4g}")} for a, n in largest],
+            "largest_activations": [{"tensor": package_name(n, prefix="var_"), "absmax": float(f"{a:.4g}")}
+                                    for a, n in largest],
             "activation_limit": policy.activation_max,
             "largest_softmax_input": float(f"{max(exp_inputs):.4g}") if exp_inputs else None,
             "softmax_input_limit": policy.exp_input_max}
