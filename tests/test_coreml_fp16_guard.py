@@ -241,3 +241,69 @@ def test_guarded_fp16_package_keeps_the_attention_matmul_and_verifies(out_dir, o
     assert np.isfinite(_program_output(art)).all()
     report = verify(art.path)
     assert report, report.to_dict()["worst"]
+
+
+# command line: the calibration flags reach the Core ML fp16 guard; bad input is one line, exit 2 -------------
+
+def _one_line_error(args: list[str], pattern: str) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from nextvit_deploy.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--target", "coreml", *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--precision", "fp32", "--calib-images", "8"], r"or --precision fp16 with --target coreml, not fp32 coreml: "
+                                                     r"drop --calib-images"),
+    (["--precision", "fp16", "--calib-images", "0"], r"--calib-images must be at least 1, got 0"),
+    (["--precision", "fp16", "--calib-dir", "no-such-dir"], r"no-such-dir"),
+    (["--precision", "fp16", "--calib-dir", "{few}"], r"has 2 usable images: add at least \d+, or pass "
+                                                      r"--calib-images 2"),
+])
+def test_cli_bad_calibration_input_is_one_line(tmp_path, args, pattern):
+    from PIL import Image
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(few / f"{i}.png")
+    out = tmp_path / "out"
+    _one_line_error(["-o", str(out), "--image-size", "64", *[a.replace("{few}", str(few)) for a in args]], pattern)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [([], False), (["--calib-images", "4"], True)])
+def test_cli_calibration_flags_switch_the_measurement_on(tmp_path, monkeypatch, args, expected):
+    """The request the command builds (the exporter is replaced by one that records it and stops)."""
+    from typer.testing import CliRunner
+
+    import nextvit_deploy.export as export_mod
+    from nextvit_deploy.cli import app
+    from nextvit_deploy.errors import BadInput
+
+    seen = []
+
+    def record(req, progress=None):
+        seen.append(req)
+        raise BadInput("stopped by the test")
+
+    monkeypatch.setattr(export_mod, "export", record)
+    result = CliRunner().invoke(app, ["export", "--target", "coreml", "--precision", "fp16", "-o", str(tmp_path),
+                                      "--image-size", "64", *args])
+    assert result.exit_code == 2 and "stopped by the test" in result.stderr
+    assert seen[0].calibrate_fp16 is expected and seen[0].calib_dir is None
+
+
+def test_calibrate_fp16_is_refused_off_coreml_fp16(tmp_path):
+    from nextvit_deploy.errors import BadInput
+    from nextvit_deploy.export import ExportRequest, validate_request
+
+    with pytest.raises(BadInput, match="calibrate_fp16 applies only to --target coreml --precision fp16"):
+        validate_request(ExportRequest(target="onnx", precision="fp16", out_dir=tmp_path, image_size=(64, 64),
+                                       calibrate_fp16=True))
