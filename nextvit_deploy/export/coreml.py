@@ -397,12 +397,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             os.replace(staged, tmp)
         facts = _program_facts(tmp)
         if guard is not None:
-            facts["precision_transform"] = guard.details(tmp)
-            for keep in facts["precision_transform"]["fp32_kept"]:
-                progress(f"fp32 kept: {keep['node']} ({keep['op_type']}): {keep['reason']}")
-            for keep in facts["precision_transform"]["fp32_not_applied"]:
-                progress(f"fp16 guard could not keep {keep['node']} ({keep['op_type']}) in fp32: coremltools "
-                         f"creates it after its fp16 pass ({keep['reason']})")
+            facts["precision_transform"] = guard.details(tmp, progress=progress)
         details = {
             "convert_to": "mlprogram",
             "compute_precision": req.precision,

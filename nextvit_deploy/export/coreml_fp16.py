@@ -214,8 +214,9 @@ class CoreMLFp16Plan:
 
         return ct.transform.FP16ComputePrecision(op_selector=op_selector)
 
-    def details(self, package: Path) -> dict[str, Any]:
-        """The manifest record, checked against the saved package.
+    def details(self, package: Path, *, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+        """The manifest record, checked against the saved package; each kept op is also reported to
+        ``progress`` (one ``fp32 kept: ...`` line each, as the TensorRT path prints them).
 
         ``fp32_kept`` has the TensorRT keep-list's shape (``node``, ``op_type``, ``reason``; nodes named as in
         the package) and lists every compute op that runs in fp32: the guard's, plus any coremltools keeps by
@@ -240,6 +241,11 @@ class CoreMLFp16Plan:
                                    "constant beyond fp16's range, or an op it never converts)")
                           for name, o in ops.items() if o["dtype"] == "fp32" and name not in ours]
         kept = [*applied, *by_coremltools]
+        for k in kept:
+            progress(f"fp32 kept: {k.node} ({k.op_type}): {k.reason}")
+        for k in not_applied:
+            progress(f"fp16 guard could not keep {k.node} ({k.op_type}) in fp32: coremltools creates it after "
+                     f"its fp16 pass ({k.reason})")
         dtypes = [o["dtype"] for o in ops.values()]
         return {"transform": "mixed-precision fp16 (coremltools FP16ComputePrecision op_selector; float32 I/O)",
                 "ranges_measured": bool(self.calibration), "fp32_kept": [k.to_dict() for k in kept],
