@@ -21,6 +21,7 @@ the package's program is read back and every kept op is checked to compute in fp
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,7 +294,9 @@ def plan_coreml_fp16(req: ExportRequest, convert_fp32: Callable[[], Any], *, pro
     calib = calibration_set(image_size=req.image_size, calib_dir=req.calib_dir, calib_images=req.calib_images,
                             crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, input_kind=req.input_kind)
     progress("fp16 guard: converting an fp32 program to measure")
+    started = time.perf_counter()
     program = convert_fp32()
     ranges = measure_program(program, calib.feeds, batch=req.batch[1], progress=progress)
+    summary = {**_summary(program, ranges, policy), "measure_seconds": round(time.perf_counter() - started, 1)}
     return CoreMLFp16Plan(planned=choose_fp32_ops(program, ranges, policy=policy), policy=policy,
-                          calibration=calib.describe(), ranges_summary=_summary(program, ranges, policy))
+                          calibration=calib.describe(), ranges_summary=summary)
