@@ -275,6 +275,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         req: the request; uses ``precision`` (fp16|fp32 compute precision), ``image_size``, ``batch``
             (fixed), ``input_kind`` (``"tensor"`` or ``"image"``), ``min_deployment_target`` (defaults to
             ``"iOS16"``), ``class_labels`` (optional file, classifier only), ``features_only``,
+            ``calib_dir``/``calib_images``/``calibrate_fp16`` (fp16: the overflow guard of :mod:`.coreml_fp16`),
             ``checkpoint``/``seed``/``depths``.
         progress: callback for step messages.
 
