@@ -58,7 +58,7 @@ def package_name(name: str, *, prefix: str = "op_") -> str:
 
 
 def _op_inputs(op) -> list:
-    out = []
+    out: list = []
     for var in op.inputs.values():
         out.extend(var if isinstance(var, (list, tuple)) else [var])
     return out
@@ -85,7 +85,7 @@ def static_reason(op, policy: Fp16Policy) -> str | None:
 class _RangeAccumulator:
     """|x| maximum and fp16-underflow fraction of every float tensor an evaluator run produces."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.absmax: dict[str, float] = {}
         self.tiny: dict[str, int] = {}
         self.nonzero: dict[str, int] = {}
