@@ -81,9 +81,13 @@ def artifact_table(art: Artifact) -> Table:
     if "fp32_kept" in pt:
         kept = [k.get("node", str(k)) if isinstance(k, dict) else str(k) for k in pt["fp32_kept"]]
         shown = ", ".join(kept[:5]) + (f", ... ({len(kept)} in all, see the manifest)" if len(kept) > 5 else "")
-        rows.append(("nodes kept in fp32", shown or "none (measured activations fit fp16)"))
+        measured = pt.get("ranges_measured", True)  # Core ML fp16 measures only with --calib-dir/--calib-images
+        rows.append(("nodes kept in fp32", shown or ("none (measured activations fit fp16)" if measured
+                                                     else "none (static rules only)")))
     if pt.get("calibration"):
         rows.append(("calibration", pt["calibration"].get("source", pt["calibration"])))
+    elif pt.get("ranges_measured") is False:
+        rows.append(("calibration", "none: activation ranges not measured (pass --calib-dir or --calib-images)"))
     if isinstance(d.get("trt_compat"), dict):
         rows.append(("TensorRT parser check", d["trt_compat"].get("summary", d["trt_compat"].get("passed"))))
     for field_name, value in rows:

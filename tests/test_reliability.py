@@ -114,7 +114,8 @@ def test_1_verify_json_onto_a_folder(small_onnx, tmp_path):
     (["--calib-dir", "imgs"], r"--calib-dir applies only to --precision fp16/int8 .* not fp32 onnx"),
     (["--calib-images", "8"], r"--calib-images applies only to --precision fp16/int8"),
     (["--target", "coreml", "--opset", "17"], r"--opset applies only to --target onnx/trt, not coreml"),
-    (["--target", "coreml", "--precision", "fp16", "--calib-images", "8"], r"not fp16 coreml"),
+    (["--target", "coreml", "--precision", "fp32", "--calib-images", "8"], r"or --precision fp16 with --target coreml, "
+                                                                          r"not fp32 coreml: drop --calib-images"),
     (["--target", "trt", "--input-kind", "image"], r"--input-kind image applies only to --target coreml; trt"),
 ])
 def test_2_options_that_do_not_apply_are_errors(tmp_path, args, pattern):

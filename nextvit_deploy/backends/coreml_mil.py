@@ -535,8 +535,14 @@ class MilEvaluator:
             last[v.name] = len(self.ops)
         return last
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def run(self, feed: Mapping[str, np.ndarray], *,
+            observe: Callable[[Any, torch.Tensor], None] | None = None) -> dict[str, Any]:
         """Run the program on ``feed`` (input name -> array of the declared shape).
+
+        Args:
+            feed: input name -> array.
+            observe: called as ``observe(var, value)`` with every tensor an op produces, as stored
+                (what the Core ML fp16 guard measures activation ranges with). Defaults to none.
 
         Returns output name -> numpy array in the declared dtype (a ``classify`` op's outputs are a
         label string and :class:`ClassScores`).
@@ -569,6 +575,8 @@ class MilEvaluator:
                                       f"expected {len(op.outputs)}")
                 for var, value in zip(op.outputs, results):
                     env[var.name] = _store(value, var) if isinstance(value, torch.Tensor) else value
+                    if observe is not None and isinstance(value, torch.Tensor):
+                        observe(var, env[var.name])
                 for var in op.inputs.values():  # free what no later op reads
                     for v in var if isinstance(var, (list, tuple)) else [var]:
                         if self._last_use.get(v.name, -1) <= i and v.name not in self.consts:

@@ -38,6 +38,8 @@ Examples:
   nextvit-deploy export --target coreml --precision fp16 --input-kind image
 
   nextvit-deploy export --target coreml --backbone --image-sizes 512x512,640x640,800x1216
+
+  nextvit-deploy export --target coreml --precision fp16 --calib-dir images/   # FP16 overflow guard, measured
 """
 
 
@@ -73,9 +75,9 @@ def check_applicable(ctx: typer.Context, *, target: str, precision: str, checkpo
         if given(ctx, name) and target not in targets:
             raise BadInput(f"{flag} applies only to --target {'/'.join(targets)}, not {target}: drop {flag}")
     for name, flag in CALIBRATION_ONLY.items():
-        if given(ctx, name) and (precision == "fp32" or target == "coreml"):
-            raise BadInput(f"{flag} applies only to --precision fp16/int8 with --target onnx/trt, not "
-                           f"{precision} {target}: drop {flag}")
+        if given(ctx, name) and (precision == "fp32" or (target == "coreml" and precision != "fp16")):
+            raise BadInput(f"{flag} applies only to --precision fp16/int8 with --target onnx/trt or --precision "
+                           f"fp16 with --target coreml, not {precision} {target}: drop {flag}")
     for name, flag in TRT_INT8_ONLY.items():
         if given(ctx, name) and (target, precision) != ("trt", "int8"):
             raise BadInput(f"{flag} applies only to --target trt --precision int8, not {precision} {target}: "
@@ -104,8 +106,11 @@ def export_cmd(
     backbone: Annotated[bool, typer.Option("--backbone", help="Export the 4 stage feature maps, not logits.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph (onnxsim, else onnxslim).")] = True,
-    calib_dir: Annotated[Path | None, typer.Option(help="INT8: folder of calibration images.")] = None,
-    calib_images: Annotated[int, typer.Option(help="INT8: use at most this many calibration images.")] = 64,
+    calib_dir: Annotated[Path | None, typer.Option(
+        help="FP16/INT8: folder of calibration images (default: bundled photos that verify does not use).")] = None,
+    calib_images: Annotated[int, typer.Option(
+        help="FP16/INT8: use at most this many calibration images. With --target coreml --precision fp16, "
+             "either flag makes the overflow guard measure activation ranges.")] = 64,
     calib_method: Annotated[str, typer.Option(help="INT8 (trt): activation calibration: max, entropy or percentile.")]
     = "max",
     int8_float: Annotated[str, typer.Option(help="INT8 (trt): type of the unquantized regions: fp16 (opset >= 19) "
@@ -160,7 +165,8 @@ def export_cmd(
         workspace_gb=workspace_gb, timing_cache=timing_cache, builder_opt_level=opt_level,
         min_deployment_target=min_target, input_kind=input_kind, class_labels=labels, calib_method=calib_method,
         int8_high_precision=int8_float, int8_attention=quantize_attention, int8_residual=residual_qdq, device=device,
-        int8_weight_bits=int8_weight_bits, force=force)
+        int8_weight_bits=int8_weight_bits, force=force,
+        calibrate_fp16=target.value == "coreml" and any(given(ctx, name) for name in CALIBRATION_ONLY))
     with progress_status(f"exporting {canonical} to {req.target} ({req.precision})") as say:
         try:
             art = export(req, progress=say)

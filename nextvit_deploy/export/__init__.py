@@ -65,6 +65,9 @@ class ExportRequest:
     # INT8 calibration (trt int8, onnx int8)
     calib_dir: Path | None = None
     calib_images: int = 64
+    # Core ML fp16: measure activation ranges for the fp32-keep guard (the CLI sets it when --calib-dir or
+    # --calib-images is given; a calib_dir alone implies it). Without it only static rules apply.
+    calibrate_fp16: bool = False
     # TensorRT builder
     workspace_gb: float = 4.0
     timing_cache: Path | None = None
@@ -258,6 +261,9 @@ def validate_request(req: ExportRequest) -> ExportRequest:
         if not Path(req.class_labels).is_file():
             raise BadInput(f"class labels file {req.class_labels} does not exist: pass a text file with one label "
                            "per line to --labels")
+    if req.calibrate_fp16 and (req.target, req.precision) != ("coreml", "fp16"):
+        raise BadInput(f"calibrate_fp16 applies only to --target coreml --precision fp16 (onnx/trt fp16 always "
+                       f"measure), not {req.precision} {req.target}: drop it")
     if req.calib_dir is not None:
         if req.precision == "fp32":
             raise BadInput("--calib-dir applies only to --precision fp16 or int8, not fp32: drop --calib-dir")

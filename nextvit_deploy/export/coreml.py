@@ -278,6 +278,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         req: the request; uses ``precision`` (fp16|fp32 compute precision), ``image_size``, ``batch``
             (fixed), ``input_kind`` (``"tensor"`` or ``"image"``), ``min_deployment_target`` (defaults to
             ``"iOS16"``), ``class_labels`` (optional file, classifier only), ``features_only``,
+            ``calib_dir``/``calib_images``/``calibrate_fp16`` (fp16: the overflow guard of :mod:`.coreml_fp16`),
             ``checkpoint``/``seed``/``depths``.
         progress: callback for step messages.
 
@@ -342,13 +343,23 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         outputs = [ct.TensorType(name=PROBABILITIES, dtype=np.float32), *outputs]
         classifier = ct.ClassifierConfig(labels, predicted_feature_name=CLASSIFIER_LABEL_OUTPUT,
                                          predicted_probabilities_output=PROBABILITIES)
+
+    def convert(to: str, compute_precision):
+        with _quiet_conversion():
+            return ct.convert(traced, source="pytorch", inputs=[ct_input], outputs=outputs,
+                              classifier_config=classifier, convert_to=to, compute_precision=compute_precision,
+                              minimum_deployment_target=target, skip_model_load=True,
+                              pass_pipeline=conversion_pipeline(ct) if labels is None else classifier_pipeline(ct))
+
+    guard = None
+    if req.precision == "fp16":  # the FP16 overflow guard: ops kept in fp32 (export/coreml_fp16.py)
+        from .coreml_fp16 import plan_coreml_fp16
+
+        guard = plan_coreml_fp16(req, lambda: convert("milinternal", ct.precision.FLOAT32), progress=progress)
+        precision = guard.compute_precision(ct)
     progress(f"converting to an ML Program ({req.precision}, minimum target {target.name})")
     started = time.perf_counter()
-    with _quiet_conversion():
-        mlmodel = ct.convert(traced, source="pytorch", inputs=[ct_input], outputs=outputs,
-                             classifier_config=classifier, convert_to="mlprogram", compute_precision=precision,
-                             minimum_deployment_target=target, skip_model_load=True,
-                             pass_pipeline=conversion_pipeline(ct) if labels is None else classifier_pipeline(ct))
+    mlmodel = convert("mlprogram", precision)
     convert_s = time.perf_counter() - started
     if labels is not None:
         mlmodel = _rename_output(ct, mlmodel, names[0])
@@ -401,6 +412,8 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             mlmodel.save(str(staged))
             os.replace(staged, tmp)
         facts = _program_facts(tmp)
+        if guard is not None:
+            facts["precision_transform"] = guard.details(tmp, progress=progress)
         details = {
             "convert_to": "mlprogram",
             "compute_precision": req.precision,

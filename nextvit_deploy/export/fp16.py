@@ -36,8 +36,8 @@ from .precision import (
     measure_activations,
 )
 
-__all__ = ["FP16_OPS", "Fp16Policy", "KeptNode", "Fp16Result", "choose_fp32_nodes", "convert_to_mixed",
-           "to_mixed_fp16"]
+__all__ = ["FP16_OPS", "Fp16Policy", "KeptNode", "Fp16Result", "activation_risk", "exp_input_risk", "weight_risk",
+           "choose_fp32_nodes", "convert_to_mixed", "to_mixed_fp16"]
 
 # Operators converted to fp16 (float inputs/outputs); everything else stays fp32 ("no fp16 policy").
 FP16_OPS = frozenset({
@@ -77,6 +77,11 @@ class Fp16Policy:
     def activation_max(self) -> float:
         return FP16_MAX / self.margin
 
+    def to_dict(self) -> dict[str, float]:
+        """The thresholds as the manifests record them (TensorRT/ONNX and Core ML alike)."""
+        return {"activation_max": self.activation_max, "margin": self.margin, "exp_input_max": self.exp_input_max,
+                "tiny_fraction": self.tiny_fraction}
+
 
 @dataclass(frozen=True)
 class KeptNode:
@@ -101,18 +106,52 @@ class Fp16Result:
     ranges_summary: dict[str, Any] = field(default_factory=dict)
 
     def details(self) -> dict[str, Any]:
-        p = self.policy
         return {"transform": "mixed-precision fp16 (float32 I/O)",
                 "fp32_kept": [k.to_dict() for k in self.kept_fp32],
                 "fp32_kept_count": len(self.kept_fp32), "fp16_nodes": self.fp16_nodes,
                 "fp32_nodes": self.fp32_nodes, "casts_inserted": self.casts,
-                "policy": {"activation_max": p.activation_max, "margin": p.margin,
-                           "exp_input_max": p.exp_input_max, "tiny_fraction": p.tiny_fraction},
-                "ranges": self.ranges_summary}
+                "policy": self.policy.to_dict(), "ranges": self.ranges_summary}
 
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
+
+
+# The keep decisions themselves, shared by the ONNX graph transform below and the Core ML guard
+# (export/coreml_fp16.py): each returns the reason a tensor, a softmax-like input or a weight needs
+# fp32, or None.
+def activation_risk(name: str, r: TensorRange, policy: Fp16Policy) -> str | None:
+    """Why an activation measured as ``r`` must not be stored in fp16 (overflow, underflow), or None."""
+    if not np.isfinite(r.absmax):
+        return f"tensor {name} is not finite in fp32 already"
+    if r.absmax > policy.activation_max:
+        return (f"overflow: |{name}| reaches {_fmt(r.absmax)} > {_fmt(policy.activation_max)} "
+                f"(fp16 max 65504 / margin {policy.margin:g})")
+    if r.tiny_fraction > policy.tiny_fraction:
+        return (f"underflow: {r.tiny_fraction:.0%} of non-zero |{name}| below fp16's smallest normal "
+                f"{FP16_MIN_NORMAL:.1e}")
+    return None
+
+
+def exp_input_risk(op_type: str, r: TensorRange, policy: Fp16Policy) -> str | None:
+    """Why a Softmax/Exp-like op whose input measured ``r`` must compute in fp32, or None."""
+    if r.absmax > policy.exp_input_max:
+        return (f"precision: {op_type} input reaches |x| = {_fmt(r.absmax)} > {_fmt(policy.exp_input_max)}; "
+                f"fp16 rounding (|x|*2^-11 = {_fmt(r.absmax / 2048)}) would shift the probabilities by that "
+                "relative amount")
+    return None
+
+
+def weight_risk(name: str, weight: np.ndarray, policy: Fp16Policy) -> str | None:
+    """Why a float weight must stay fp32 (overflows fp16, or mostly below its normal range), or None."""
+    w = np.abs(np.asarray(weight, dtype=np.float32))
+    if w.size and float(w.max()) > FP16_MAX:
+        return f"weight {name} reaches {_fmt(float(w.max()))} > fp16 max 65504"
+    nz = w[w > 0]
+    frac = float((nz < FP16_MIN_NORMAL).mean()) if nz.size else 0.0
+    if frac > policy.weight_tiny_fraction:
+        return f"weight {name}: {frac:.0%} of non-zero values below fp16's smallest normal"
+    return None
 
 
 def choose_fp32_nodes(model, ranges: Mapping[str, TensorRange], *, policy: Fp16Policy = Fp16Policy(),
@@ -147,15 +186,7 @@ def choose_fp32_nodes(model, ranges: Mapping[str, TensorRange], *, policy: Fp16P
                 keep(node, f"{node.op_type} has no fp16 policy here (kept as exported)")
     # activations: overflow, exp-like inputs, underflow
     for name, r in ranges.items():
-        why = None
-        if not np.isfinite(r.absmax):
-            why = f"tensor {name} is not finite in fp32 already"
-        elif r.absmax > policy.activation_max:
-            why = (f"overflow: |{name}| reaches {_fmt(r.absmax)} > {_fmt(policy.activation_max)} "
-                   f"(fp16 max 65504 / margin {policy.margin:g})")
-        elif r.tiny_fraction > policy.tiny_fraction:
-            why = (f"underflow: {r.tiny_fraction:.0%} of non-zero |{name}| below fp16's smallest normal "
-                   f"{FP16_MIN_NORMAL:.1e}")
+        why = activation_risk(name, r, policy)
         if why:
             if name in producers:
                 keep(producers[name], why)
@@ -164,11 +195,9 @@ def choose_fp32_nodes(model, ranges: Mapping[str, TensorRange], *, policy: Fp16P
                     keep(c, why)
     for node in model.graph.node:
         if node.op_type in EXP_LIKE_OPS and node.input and node.input[0] in ranges:
-            r = ranges[node.input[0]]
-            if r.absmax > policy.exp_input_max:
-                keep(node, f"precision: {node.op_type} input reaches |x| = {_fmt(r.absmax)} > "
-                           f"{_fmt(policy.exp_input_max)}; fp16 rounding (|x|*2^-11 = {_fmt(r.absmax / 2048)}) "
-                           "would shift the probabilities by that relative amount")
+            why = exp_input_risk(node.op_type, ranges[node.input[0]], policy)
+            if why:
+                keep(node, why)
     # weights
     for name, init in inits.items():
         if init.data_type != onnx.TensorProto.FLOAT:
@@ -176,15 +205,7 @@ def choose_fp32_nodes(model, ranges: Mapping[str, TensorRange], *, policy: Fp16P
         users = consumers.get(name, [])
         if users and all(u.op_type in ("Conv", "Gemm") and list(u.input).index(name) == 2 for u in users):
             continue  # a bias is added to an accumulator far larger than fp16's subnormal range
-        w = np.abs(numpy_helper.to_array(init))
-        why = None
-        if w.size and float(w.max()) > FP16_MAX:
-            why = f"weight {name} reaches {_fmt(float(w.max()))} > fp16 max 65504"
-        else:
-            nz = w[w > 0]
-            frac = float((nz < FP16_MIN_NORMAL).mean()) if nz.size else 0.0
-            if frac > policy.weight_tiny_fraction:
-                why = f"weight {name}: {frac:.0%} of non-zero values below fp16's smallest normal"
+        why = weight_risk(name, numpy_helper.to_array(init), policy)
         if why:
             for c in consumers.get(name, []):
                 keep(c, why)
