@@ -24,7 +24,12 @@ Two conventions, because the two runtimes accelerate different graphs:
   :mod:`nextvit_deploy.trt_compat` checks the parser's rules on every trt export.
 * **ONNX Runtime x86** (:func:`quantize_ort_x86`, ONNX Runtime's ``quantize_static``): QDQ with uint8
   activations (asymmetric) and int8 per-channel weights, the U8S8 form ONNX Runtime's CPU kernels
-  (QLinearConv / MatMulInteger via VPMADDUBSW) accelerate.
+  (QLinearConv / MatMulInteger via VPMADDUBSW) accelerate. Besides Conv/Gemm/MatMul it quantizes
+  Relu and Add (:data:`ORT_X86_OPS`): with Relu quantized, the producer's output takes the Relu's range
+  and ONNX Runtime drops the Relu, instead of leaving a DequantizeLinear -> QuantizeLinear pair with two
+  different scales where the Relu was (44 in Next-ViT-S, one per Relu); with Add quantized, residual Adds
+  run as QLinearAdd instead of DequantizeLinear -> float Add -> QuantizeLinear. :mod:`.qdq_audit` counts
+  what is left in the graph ONNX Runtime runs.
 
 Calibration (activation ``amax``, scale = amax / 127) reads the |x| histograms that
 :func:`~.precision.measure_activations` collects: ``max`` (largest |x|), ``percentile`` (the 99.99th
@@ -45,6 +50,7 @@ import numpy as np
 
 from .._deps import require
 from .precision import Feeds, TensorRange, feed_batches, feed_count, measure_activations, static_batch
+from .qdq_audit import remove_identity_pairs
 from .qdq_plan import (
     CALIBRATION_METHODS,
     QUANTIZED_OPS,
@@ -60,8 +66,12 @@ from .qdq_plan import (
 
 __all__ = ["QUANTIZED_OPS", "CALIBRATION_METHODS", "Int8Options", "QdqSite", "QdqPlan", "Int8Result",
            "weight_channel_axis", "attention_matmuls", "residual_inputs", "plan_qdq", "calibrated_amax",
-           "entropy_amax", "quantize_trt", "quantize_ort_x86", "CalibrationMethod", "FP16_SCALE_OPSET"]
+           "entropy_amax", "quantize_trt", "quantize_ort_x86", "CalibrationMethod", "FP16_SCALE_OPSET", "ORT_X86_OPS"]
 
+# ONNX Runtime x86 convention: the compute ops, plus Relu (folded into its producer's quantization) and Add
+# (QLinearAdd); Concat, AveragePool and Transpose/Reshape follow their quantized neighbours in ONNX Runtime's
+# QDQ fusion without being listed. Softmax and the attention scale Mul stay float (measured: no gain).
+ORT_X86_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Add")
 INT8_WEIGHT_MAX = 127  # symmetric: weights use [-127, 127]
 INT8_ACT_MAX = 127  # scale = amax / 127; TensorRT clamps activations to [-128, 127]
 MIN_AMAX = 1e-8  # an all-zero tensor still gets a positive scale
@@ -310,7 +320,7 @@ class _Reader:
 
 
 def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", reduce_range: bool = True,
-                     op_types: Sequence[str] = QUANTIZED_OPS, progress: Callable[[str], None] | None = None) -> Int8Result:
+                     op_types: Sequence[str] = ORT_X86_OPS, progress: Callable[[str], None] | None = None) -> Int8Result:
     """ONNX Runtime's x86 convention: QDQ, uint8 activations, int8 per-channel weights (``quantize_static``).
 
     Args:
@@ -321,7 +331,9 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
         reduce_range: 7-bit weights. Defaults to True: without AVX-512 VNNI, ONNX Runtime's U8S8 kernels
             (VPMADDUBSW) saturate int16 sums with 8-bit weights; measured on Next-ViT (depths 1,1,5,1):
             min cosine vs fp32 0.86 with 8-bit weights, 0.975 with 7-bit.
-        op_types: operators to quantize. Defaults to Conv, Gemm, MatMul (the compute-bound ones).
+        op_types: operators to quantize. Defaults to :data:`ORT_X86_OPS` (Conv, Gemm, MatMul, Relu, Add);
+            Conv, Gemm, MatMul alone leave one DequantizeLinear -> QuantizeLinear pair per Relu and float
+            residual Adds (Next-ViT-S b8 on a VNNI CPU: 1.7-1.9x FP32 instead of 2.1-2.3x, noisy shared runs).
         progress: one-line progress callback. Defaults to silent.
     """
     onnx = require("onnx")
@@ -343,11 +355,13 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
         out = onnx.load(str(dst))
     logging.getLogger().setLevel(quiet)
+    out, identities = remove_identity_pairs(out)
     n_q = sum(n.op_type == "QuantizeLinear" for n in out.graph.node)
-    quantized = tuple(n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS)
+    quantized = tuple(n.name for n in model.graph.node if n.op_type in op_types)
     return Int8Result(model=out, convention="onnxruntime", quantized_nodes=quantized, activation_scales=n_q,
                       weight_tensors=sum(n.op_type == "DequantizeLinear" and n.input[0] in
                                          {i.name for i in out.graph.initializer} for n in out.graph.node),
                       method=method, notes=("uint8 activations (asymmetric), int8 per-channel weights, QDQ; "
                                             "ONNX Runtime fuses it into QLinear*/MatMulInteger kernels on x86",
-                                            f"reduce_range={reduce_range}"))
+                                            f"reduce_range={reduce_range}", f"op types: {', '.join(op_types)}"),
+                      extra={"op_types": list(op_types), "identity_dq_q_removed": identities})

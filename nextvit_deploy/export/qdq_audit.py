@@ -1,0 +1,162 @@
+"""What is left of a Q/DQ graph once ONNX Runtime has fused it: the numbers behind "where INT8 time goes".
+
+ONNX Runtime's CPU execution provider fuses ``DequantizeLinear -> op -> QuantizeLinear`` groups into
+QLinear*/QGemm kernels at load time and drops what it can prove redundant (a ``Relu`` before a
+``QuantizeLinear`` whose zero point is the type's minimum, a ``QuantizeLinear -> DequantizeLinear ->
+QuantizeLinear -> DequantizeLinear`` chain with one scale). What survives costs time:
+
+* **DQ -> Q pairs** (:func:`dq_q_pairs`): a quantized tensor dequantized only to be quantized again. With
+  the same scale and zero point the pair is an identity (:func:`remove_identity_pairs` drops it); with
+  different ones it is a float round trip ONNX Runtime cannot fuse.
+* **float islands** (:func:`float_islands`): nodes that read a DequantizeLinear output, i.e. run in float
+  between quantized neighbours (``Shape`` and other metadata readers excluded: they read no values).
+
+:func:`audit` loads a graph the way ``bench``/``eval`` do (ONNX Runtime CPU, extended graph optimizations,
+which include every QDQ fusion but not the machine-specific layout passes) and reports both, with the
+operator counts before and after.
+"""
+from __future__ import annotations
+
+import collections
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._deps import require
+
+__all__ = ["dq_q_pairs", "float_islands", "remove_identity_pairs", "ort_optimized", "audit"]
+
+# Ops that read only a tensor's shape/type, never its values: a DQ feeding them is no float island.
+_METADATA_OPS = frozenset({"Shape", "Size"})
+
+
+def _constants(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
+def _qparams(node, consts: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """(scale, zero point, axis) of a Q/DQ node; a zero point left out is 0 (uint8), a missing constant None."""
+    scale = consts.get(node.input[1]) if len(node.input) > 1 else None
+    zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    return scale, zp, axis
+
+
+def _same_qparams(a, b, consts: dict[str, np.ndarray]) -> bool:
+    (sa, za, xa), (sb, zb, xb) = _qparams(a, consts), _qparams(b, consts)
+    if sa is None or sb is None or za is None or zb is None or za.dtype != zb.dtype:
+        return False
+    if sa.shape != sb.shape or za.shape != zb.shape or (sa.ndim > 0 and xa != xb):
+        return False
+    return bool(np.array_equal(sa, sb) and np.array_equal(za, zb))
+
+
+def _pairs(model) -> list[tuple[int, int, bool]]:
+    """(DQ index, Q index, same quantization parameters) of every DQ -> Q edge."""
+    consts = _constants(model)
+    nodes = list(model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    out = []
+    for qi, n in enumerate(nodes):
+        di = producer.get(n.input[0]) if n.op_type == "QuantizeLinear" else None
+        if di is not None and nodes[di].op_type == "DequantizeLinear":
+            out.append((di, qi, _same_qparams(nodes[di], n, consts)))
+    return out
+
+
+def dq_q_pairs(model) -> list[dict[str, Any]]:
+    """Every ``DequantizeLinear -> QuantizeLinear`` edge: the two node names, the tensor and ``same_scale``
+    (scale, zero point, type and axis identical: the pair is an identity on the quantized values)."""
+    nodes = model.graph.node
+    return [{"dq": nodes[d].name, "q": nodes[q].name, "tensor": nodes[q].input[0], "same_scale": same}
+            for d, q, same in _pairs(model)]
+
+
+def float_islands(model) -> collections.Counter[str]:
+    """Operator type -> number of nodes that run in float on a DequantizeLinear output (metadata readers and
+    the Q/DQ nodes themselves excluded)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found: collections.Counter[str] = collections.Counter()
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type in _METADATA_OPS:
+            continue
+        if any(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input):
+            found[n.op_type] += 1
+    return found
+
+
+def remove_identity_pairs(model) -> tuple[Any, int]:
+    """A copy of ``model`` without the DQ -> Q pairs whose scale and zero point agree: every reader of the
+    Q's output reads the DQ's quantized input instead (exact: Q(DQ(x)) == x for one scale and zero point).
+
+    The DQ stays while anything else reads it; a Q that is a graph output is kept. Returns (model, removed).
+    """
+    onnx = require("onnx")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    outputs = {o.name for o in m.graph.output}
+    rename: dict[str, str] = {}
+    drop: set[int] = set()
+    nodes = list(m.graph.node)
+    for d, q, same in _pairs(m):
+        if same and nodes[q].output[0] not in outputs:
+            rename[nodes[q].output[0]] = nodes[d].input[0]
+            drop.add(q)
+    if not rename:
+        return m, 0
+
+    def resolve(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
+    kept = [n for i, n in enumerate(nodes) if i not in drop]
+    for n in kept:
+        for i, name in enumerate(n.input):
+            n.input[i] = resolve(name)
+    readers = {i for n in kept for i in n.input} | outputs
+    kept = [n for n in kept if n.op_type != "DequantizeLinear" or any(o in readers for o in n.output)]
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    return m, len(drop)
+
+
+def ort_optimized(model, *, threads: int = 1):
+    """The graph ONNX Runtime CPU runs for ``model`` (extended optimizations: QDQ fusions, no layout passes)."""
+    onnx = require("onnx")
+    ort = require("onnxruntime", purpose="the INT8 graph audit")
+    with tempfile.TemporaryDirectory(prefix="nextvit-qdq-audit-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
+        onnx.save(model, str(src))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.intra_op_num_threads = threads
+        opts.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(str(dst))
+
+
+def _op_counts(model) -> dict[str, int]:
+    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def audit(model) -> dict[str, Any]:
+    """Q/DQ counts, DQ -> Q pairs and float islands of ``model`` as saved and as ONNX Runtime runs it."""
+    optimized = ort_optimized(model)
+    saved_pairs, run_pairs = dq_q_pairs(model), dq_q_pairs(optimized)
+    return {
+        "saved": {"ops": _op_counts(model), "dq_q_pairs": len(saved_pairs),
+                  "dq_q_pairs_same_scale": sum(p["same_scale"] for p in saved_pairs)},
+        "ort_cpu": {"ops": _op_counts(optimized), "dq_q_pairs": len(run_pairs),
+                    "dq_q_pairs_same_scale": sum(p["same_scale"] for p in run_pairs),
+                    "dq_q_pair_tensors": [p["tensor"] for p in run_pairs],
+                    "float_islands": dict(float_islands(optimized).most_common())},
+    }
