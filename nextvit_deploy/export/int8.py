@@ -28,7 +28,7 @@ Two conventions, because the two runtimes accelerate different graphs:
   Relu and Add (:data:`ORT_X86_OPS`): with Relu quantized, the producer's output takes the Relu's range
   and ONNX Runtime drops the Relu, instead of leaving a DequantizeLinear -> QuantizeLinear pair with two
   different scales where the Relu was (44 in Next-ViT-S, one per Relu); with Add quantized, residual Adds
-  run as QLinearAdd instead of DequantizeLinear -> float Add -> QuantizeLinear. :mod:`.qdq_audit` counts
+  run as QLinearAdd instead of DequantizeLinear -> float Add -> QuantizeLinear. :mod:`.qdq_passes` counts
   what is left in the graph ONNX Runtime runs.
 
 Calibration (activation ``amax``, scale = amax / 127) reads the |x| histograms that
@@ -50,7 +50,7 @@ import numpy as np
 
 from .._deps import require
 from .precision import Feeds, TensorRange, feed_batches, feed_count, measure_activations, static_batch
-from .qdq_audit import remove_identity_pairs
+from .qdq_passes import remove_identity_pairs, unshare_initializers
 from .qdq_plan import (
     CALIBRATION_METHODS,
     QUANTIZED_OPS,
@@ -346,6 +346,7 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs a pre-processing hint at WARNING
     with tempfile.TemporaryDirectory(prefix="nextvit-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        model, unshared = unshare_initializers(model, op_types)
         onnx.save(model, str(src))
         q.quantize_static(
             str(src), str(dst), _Reader(model.graph.input[0].name, calibration, static=static_batch(model)),
@@ -364,4 +365,5 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
                       method=method, notes=("uint8 activations (asymmetric), int8 per-channel weights, QDQ; "
                                             "ONNX Runtime fuses it into QLinear*/MatMulInteger kernels on x86",
                                             f"reduce_range={reduce_range}", f"op types: {', '.join(op_types)}"),
-                      extra={"op_types": list(op_types), "identity_dq_q_removed": identities})
+                      extra={"op_types": list(op_types), "identity_dq_q_removed": identities,
+                             "initializers_unshared": unshared})

@@ -1,4 +1,7 @@
-"""What is left of a Q/DQ graph once ONNX Runtime has fused it: the numbers behind "where INT8 time goes".
+"""Passes around ONNX Runtime's Q/DQ graph and what is left of it once ONNX Runtime has fused it.
+
+Before quantization, :func:`unshare_initializers` gives each quantized reader of a shared weight or bias its
+own copy (one scale per reader, or ONNX Runtime leaves the Conv in float). After it, the audit below.
 
 ONNX Runtime's CPU execution provider fuses ``DequantizeLinear -> op -> QuantizeLinear`` groups into
 QLinear*/QGemm kernels at load time and drops what it can prove redundant (a ``Relu`` before a
@@ -26,10 +29,11 @@ import numpy as np
 
 from .._deps import require
 
-__all__ = ["dq_q_pairs", "float_islands", "remove_identity_pairs", "ort_optimized", "audit"]
+__all__ = ["dq_q_pairs", "float_islands", "remove_identity_pairs", "unshare_initializers", "ort_optimized", "audit"]
 
 # Ops that read only a tensor's shape/type, never its values: a DQ feeding them is no float island.
 _METADATA_OPS = frozenset({"Shape", "Size"})
+_FLOAT_TYPES = frozenset({1, 10, 11, 16})  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def _constants(model) -> dict[str, np.ndarray]:
@@ -127,6 +131,38 @@ def remove_identity_pairs(model) -> tuple[Any, int]:
     del m.graph.node[:]
     m.graph.node.extend(kept)
     return m, len(drop)
+
+
+def unshare_initializers(model, op_types) -> tuple[Any, int]:
+    """A copy of ``model`` where each float initializer read by a node of ``op_types`` has one reader only.
+
+    ``quantize_static`` quantizes an initializer once, with the scale of its first reader: a bias shared by
+    two Convs (the exporter merges equal tensors) gets the first Conv's input scale x weight scale, the second
+    Conv's bias then disagrees with its own and ONNX Runtime leaves that Conv in float; a bias shared by a
+    Conv and an Add becomes an int32 DequantizeLinear -> QuantizeLinear pair. Every extra reader gets its own
+    copy (``<name>__unshared<k>``). Returns (model, copies made).
+    """
+    onnx = require("onnx")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    readers: dict[str, list[tuple[Any, int]]] = {}
+    for n in m.graph.node:
+        for k, name in enumerate(n.input):
+            if name in inits and inits[name].data_type in _FLOAT_TYPES:
+                readers.setdefault(name, []).append((n, k))
+    copies = []
+    for name, uses in readers.items():
+        if len(uses) < 2 or not any(n.op_type in op_types for n, _ in uses):
+            continue
+        for j, (n, k) in enumerate(uses[1:], start=1):
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = f"{name}__unshared{j}"
+            n.input[k] = copy.name
+            copies.append(copy)
+    m.graph.initializer.extend(copies)
+    return m, len(copies)
 
 
 def ort_optimized(model, *, threads: int = 1):
