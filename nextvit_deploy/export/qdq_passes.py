@@ -85,15 +85,17 @@ def dq_q_pairs(model) -> list[dict[str, Any]]:
 
 
 def float_islands(model) -> collections.Counter[str]:
-    """Operator type -> number of nodes that run in float on a DequantizeLinear output (metadata readers and
-    the Q/DQ nodes themselves excluded)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    """Operator type -> number of nodes that run in float between quantized neighbours: every node that reads
+    a DequantizeLinear output, or the output of such a node, up to the next QuantizeLinear (metadata readers
+    and the Q/DQ nodes themselves excluded; nodes before the first QuantizeLinear are not counted)."""
+    floats: set[str] = set()
     found: collections.Counter[str] = collections.Counter()
-    for n in model.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type in _METADATA_OPS:
-            continue
-        if any(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input):
+    for n in model.graph.node:  # ONNX graphs are stored in topological order
+        if n.op_type == "DequantizeLinear":
+            floats.update(n.output)
+        elif n.op_type != "QuantizeLinear" and n.op_type not in _METADATA_OPS and any(i in floats for i in n.input):
             found[n.op_type] += 1
+            floats.update(n.output)
     return found
 
 
