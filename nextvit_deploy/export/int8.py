@@ -50,7 +50,7 @@ import numpy as np
 
 from .._deps import require
 from .precision import Feeds, TensorRange, feed_batches, feed_count, measure_activations, static_batch
-from .qdq_passes import remove_identity_pairs, unshare_initializers
+from .qdq_passes import pools_as_convs, remove_identity_pairs, unshare_initializers
 from .qdq_plan import (
     CALIBRATION_METHODS,
     QUANTIZED_OPS,
@@ -357,6 +357,7 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
         out = onnx.load(str(dst))
     logging.getLogger().setLevel(quiet)
     out, identities = remove_identity_pairs(out)
+    out, pools = pools_as_convs(out)
     n_q = sum(n.op_type == "QuantizeLinear" for n in out.graph.node)
     quantized = tuple(n.name for n in model.graph.node if n.op_type in op_types)
     return Int8Result(model=out, convention="onnxruntime", quantized_nodes=quantized, activation_scales=n_q,
@@ -366,4 +367,4 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
                                             "ONNX Runtime fuses it into QLinear*/MatMulInteger kernels on x86",
                                             f"reduce_range={reduce_range}", f"op types: {', '.join(op_types)}"),
                       extra={"op_types": list(op_types), "identity_dq_q_removed": identities,
-                             "initializers_unshared": unshared})
+                             "initializers_unshared": unshared, "pools_as_depthwise_convs": pools})
