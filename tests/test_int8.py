@@ -188,7 +188,8 @@ def test_ort_x86_convention_differs_and_fails_trt_rules(small_fp32):
 
 def test_ort_x86_graph_leaves_no_dq_q_pair_and_no_float_residual(small_fp32):
     """With Relu and Add quantized, ONNX Runtime runs every Conv/Relu/Add in int8: no DQ -> Q round trip is
-    left (the Conv/Gemm/MatMul-only graph keeps one per Relu), and only attention Mul/Softmax read floats."""
+    left (the Conv/Gemm/MatMul-only graph keeps one per Relu), only attention Mul/Softmax read floats, and
+    the AveragePools run as depthwise QLinearConvs."""
     model, calib, x = small_fp32
     res = quantize_ort_x86(model, calib[:4])
     run = audit(res.model)["ort_cpu"]
@@ -196,6 +197,9 @@ def test_ort_x86_graph_leaves_no_dq_q_pair_and_no_float_residual(small_fp32):
     assert not set(run["float_islands"]) & {"Conv", "Relu", "Add", "Gemm", "MatMul"}, run["float_islands"]
     assert run["ops"]["QLinearAdd"] == sum(n.op_type == "Add" for n in model.graph.node if len(n.input) == 2)
     assert res.details()["op_types"] == list(ORT_X86_OPS)
+    # the 3 patch-embedding pools; the attention pools' channel count is not static in this unsimplified graph
+    pools, as_convs = sum(n.op_type == "AveragePool" for n in model.graph.node), res.details()["pools_as_depthwise_convs"]
+    assert as_convs >= 3 and run["ops"].get("QLinearAveragePool", 0) == pools - as_convs
     assert _cos(_run(model, x), _run(res.model, x)) >= 0.95
     relus = sum(n.op_type == "Relu" for n in model.graph.node)
     compute_only = audit(quantize_ort_x86(model, calib[:4], op_types=("Conv", "Gemm", "MatMul")).model)["ort_cpu"]

@@ -10,6 +10,7 @@ from nextvit_deploy.export.qdq_passes import (
     audit,
     dq_q_pairs,
     float_islands,
+    pools_as_convs,
     remove_identity_pairs,
     unshare_initializers,
 )
@@ -87,3 +88,44 @@ def test_shared_bias_gets_one_copy_per_quantized_reader():
     x = np.random.default_rng(0).standard_normal((1, 4, 3, 3)).astype(np.float32)
     np.testing.assert_array_equal(_run(out, x)[0], _run(model, x)[0])
     assert unshare_initializers(model, ("MatMul",))[1] == 0  # no reader of those types: nothing copied
+
+
+def _pool_graph(size: int, **pool):
+    """input[1, 4, size, size] -> Q -> DQ -> AveragePool(**pool) -> Q -> DQ -> output (uint8, zero point 5)."""
+    inits = [numpy_helper.from_array(np.array(0.03, np.float32), "s"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "s2"),
+             numpy_helper.from_array(np.array(5, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dq"),
+             helper.make_node("AveragePool", ["dq"], ["pooled"], name="pool", **pool),
+             helper.make_node("QuantizeLinear", ["pooled", "s2", "z"], ["q2"], name="q2"),
+             helper.make_node("DequantizeLinear", ["q2", "s2", "z"], ["output"], name="dq2")]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, size, size])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_average_pool_between_qdq_becomes_an_int8_depthwise_conv():
+    """Next-ViT's patch-embedding pool (2x2, stride 2, ceil mode, pads excluded) on a size it tiles: the same
+    averages as a depthwise QLinearConv, and no QLinearAveragePool left for ONNX Runtime to pick."""
+    model = _pool_graph(8, kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1, count_include_pad=0)
+    out, n = pools_as_convs(model)
+    onnx.checker.check_model(out)
+    assert n == 1 and [x.op_type for x in out.graph.node].count("AveragePool") == 0
+    x = np.random.default_rng(0).uniform(-0.1, 7.0, (1, 4, 8, 8)).astype(np.float32)
+    want, got = _run(model, x)[0], _run(out, x)[0]
+    assert got.shape == (1, 4, 4, 4)
+    assert np.abs(got - want).max() <= 0.02 + 1e-6  # at most one output quantization step apart (rounding)
+    ops = audit(out)["ort_cpu"]["ops"]
+    assert ops.get("QLinearConv") == 1 and "QLinearAveragePool" not in ops and "AveragePool" not in ops
+
+
+def test_pools_that_differ_from_a_conv_are_left_alone():
+    cases = [_pool_graph(7, kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1, count_include_pad=0),  # partial window
+             _pool_graph(8, kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])]  # padding
+    for model in cases:
+        assert pools_as_convs(model)[1] == 0
+    floor = _pool_graph(7, kernel_shape=[2, 2], strides=[2, 2])  # floor mode drops the last row: still a conv
+    out, n = pools_as_convs(floor)
+    x = np.random.default_rng(1).uniform(0, 5, (1, 4, 7, 7)).astype(np.float32)
+    assert n == 1 and np.abs(_run(out, x)[0] - _run(floor, x)[0]).max() <= 0.02 + 1e-6
