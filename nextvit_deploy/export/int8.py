@@ -28,8 +28,11 @@ Two conventions, because the two runtimes accelerate different graphs:
   Relu and Add (:data:`ORT_X86_OPS`): with Relu quantized, the producer's output takes the Relu's range
   and ONNX Runtime drops the Relu, instead of leaving a DequantizeLinear -> QuantizeLinear pair with two
   different scales where the Relu was (44 in Next-ViT-S, one per Relu); with Add quantized, residual Adds
-  run as QLinearAdd instead of DequantizeLinear -> float Add -> QuantizeLinear. :mod:`.qdq_passes` counts
-  what is left in the graph ONNX Runtime runs.
+  run as QLinearAdd instead of DequantizeLinear -> float Add -> QuantizeLinear. Around ``quantize_static``
+  (:mod:`.qdq_passes`): shared weights/biases get one copy per reader first (one shared bias scale left
+  Convs in float), and afterwards each AveragePool between Q/DQ becomes the equal int8 depthwise Conv
+  (ONNX Runtime's QLinearAveragePool was 5 % of the INT8 graph's time, the depthwise QLinearConv ~0 %).
+  :func:`.qdq_passes.audit` counts what is left in the graph ONNX Runtime runs.
 
 Calibration (activation ``amax``, scale = amax / 127) reads the |x| histograms that
 :func:`~.precision.measure_activations` collects: ``max`` (largest |x|), ``percentile`` (the 99.99th
@@ -69,8 +72,8 @@ __all__ = ["QUANTIZED_OPS", "CALIBRATION_METHODS", "Int8Options", "QdqSite", "Qd
            "entropy_amax", "quantize_trt", "quantize_ort_x86", "CalibrationMethod", "FP16_SCALE_OPSET", "ORT_X86_OPS"]
 
 # ONNX Runtime x86 convention: the compute ops, plus Relu (folded into its producer's quantization) and Add
-# (QLinearAdd); Concat, AveragePool and Transpose/Reshape follow their quantized neighbours in ONNX Runtime's
-# QDQ fusion without being listed. Softmax and the attention scale Mul stay float (measured: no gain).
+# (QLinearAdd); Concat and Transpose/Reshape follow their quantized neighbours in ONNX Runtime's QDQ fusion
+# without being listed. Softmax and the attention scale Mul stay float (quantized: no measurable gain).
 ORT_X86_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Add")
 INT8_WEIGHT_MAX = 127  # symmetric: weights use [-127, 127]
 INT8_ACT_MAX = 127  # scale = amax / 127; TensorRT clamps activations to [-128, 127]
@@ -333,7 +336,8 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
             min cosine vs fp32 0.86 with 8-bit weights, 0.975 with 7-bit.
         op_types: operators to quantize. Defaults to :data:`ORT_X86_OPS` (Conv, Gemm, MatMul, Relu, Add);
             Conv, Gemm, MatMul alone leave one DequantizeLinear -> QuantizeLinear pair per Relu and float
-            residual Adds (Next-ViT-S b8 on a VNNI CPU: 1.7-1.9x FP32 instead of 2.1-2.3x, noisy shared runs).
+            residual Adds (Next-ViT-S on a VNNI CPU, 2 threads, interleaved: b1 2.0x -> 2.4x FP32 with
+            Relu/Add and the pool rewrite, b8 1.9x -> 2.6x; ``benchmarks/int8_speed.py --compare-ops``).
         progress: one-line progress callback. Defaults to silent.
     """
     onnx = require("onnx")
