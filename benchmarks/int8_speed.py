@@ -121,6 +121,10 @@ def main() -> None:
                 calib_images=args.calib_images, int8_weight_bits=args.weight_bits if precision == "int8" else None))
             print(f"exported {precision} in {time.perf_counter() - t0:.0f} s", flush=True)
         paths = {p: a.path for p, a in arts.items()}
+        present = {n.op_type for n in onnx.load(str(arts["fp32"].path), load_external_data=False).graph.node}
+        unknown = [op for op in (args.compare_ops or "").split(",") if op and op not in present]
+        if unknown:
+            ap.error(f"--compare-ops: {', '.join(unknown)} not in the graph; it has {', '.join(sorted(present))}")
         if args.compare_ops:
             paths["int8 " + args.compare_ops.replace(",", "/")] = compare_graph(
                 arts["fp32"].path, Path(tmp) / "int8-compare.onnx", args, tuple(args.compare_ops.split(",")))
