@@ -11,6 +11,7 @@ from nextvit_deploy.data import calibration_photos, normalize, photos
 from nextvit_deploy.export import ExportRequest, export
 from nextvit_deploy.export.int8 import (
     CALIBRATION_METHODS,
+    ORT_X86_OPS,
     Int8Options,
     attention_matmuls,
     entropy_amax,
@@ -20,6 +21,7 @@ from nextvit_deploy.export.int8 import (
     residual_inputs,
 )
 from nextvit_deploy.export.onnx import to_onnx
+from nextvit_deploy.export.qdq_passes import audit
 from nextvit_deploy.fuse import fuse_model
 from nextvit_deploy.trt_compat import check_trt_compat
 from nextvit_deploy.verify import verify_artifact
@@ -182,6 +184,26 @@ def test_ort_x86_convention_differs_and_fails_trt_rules(small_fp32):
     report = check_trt_compat(q)
     assert not report and any(i.rule == "dtype" for i in report.errors)
     assert _cos(_run(model, x), _run(q, x)) >= 0.95  # 0.975 measured (7-bit weights)
+
+
+def test_ort_x86_graph_leaves_no_dq_q_pair_and_no_float_residual(small_fp32):
+    """With Relu and Add quantized, ONNX Runtime runs every Conv/Relu/Add in int8: no DQ -> Q round trip is
+    left (the Conv/Gemm/MatMul-only graph keeps one per Relu), only attention Mul/Softmax read floats, and
+    the AveragePools run as depthwise QLinearConvs."""
+    model, calib, x = small_fp32
+    res = quantize_ort_x86(model, calib[:4])
+    run = audit(res.model)["ort_cpu"]
+    assert run["dq_q_pairs"] == 0
+    assert not set(run["float_islands"]) & {"Conv", "Relu", "Add", "Gemm", "MatMul"}, run["float_islands"]
+    assert run["ops"]["QLinearAdd"] == sum(n.op_type == "Add" for n in model.graph.node if len(n.input) == 2)
+    assert res.details()["op_types"] == list(ORT_X86_OPS)
+    # the 3 patch-embedding pools; the attention pools' channel count is not static in this unsimplified graph
+    pools, as_convs = sum(n.op_type == "AveragePool" for n in model.graph.node), res.details()["pools_as_depthwise_convs"]
+    assert as_convs >= 3 and run["ops"].get("QLinearAveragePool", 0) == pools - as_convs
+    assert _cos(_run(model, x), _run(res.model, x)) >= 0.95
+    relus = sum(n.op_type == "Relu" for n in model.graph.node)
+    compute_only = audit(quantize_ort_x86(model, calib[:4], op_types=("Conv", "Gemm", "MatMul")).model)["ort_cpu"]
+    assert relus > 0 and compute_only["dq_q_pairs"] >= relus and compute_only["dq_q_pairs_same_scale"] == 0
 
 
 def _qdq_graph(*, zp=0, zp_dtype=np.int8, consumer="Conv", opset=17, weight_dtype=None, w_axis=0,

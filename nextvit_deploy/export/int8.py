@@ -24,7 +24,15 @@ Two conventions, because the two runtimes accelerate different graphs:
   :mod:`nextvit_deploy.trt_compat` checks the parser's rules on every trt export.
 * **ONNX Runtime x86** (:func:`quantize_ort_x86`, ONNX Runtime's ``quantize_static``): QDQ with uint8
   activations (asymmetric) and int8 per-channel weights, the U8S8 form ONNX Runtime's CPU kernels
-  (QLinearConv / MatMulInteger via VPMADDUBSW) accelerate.
+  (QLinearConv / MatMulInteger via VPMADDUBSW) accelerate. Besides Conv/Gemm/MatMul it quantizes
+  Relu and Add (:data:`ORT_X86_OPS`): with Relu quantized, the producer's output takes the Relu's range
+  and ONNX Runtime drops the Relu, instead of leaving a DequantizeLinear -> QuantizeLinear pair with two
+  different scales where the Relu was (44 in Next-ViT-S, one per Relu); with Add quantized, residual Adds
+  run as QLinearAdd instead of DequantizeLinear -> float Add -> QuantizeLinear. Around ``quantize_static``
+  (:mod:`.qdq_passes`): shared weights/biases get one copy per reader first (one shared bias scale left
+  Convs in float), and afterwards each AveragePool between Q/DQ becomes the equal int8 depthwise Conv
+  (ONNX Runtime's QLinearAveragePool was 5 % of the INT8 graph's time, the depthwise QLinearConv ~0 %).
+  :func:`.qdq_passes.audit` counts what is left in the graph ONNX Runtime runs.
 
 Calibration (activation ``amax``, scale = amax / 127) reads the |x| histograms that
 :func:`~.precision.measure_activations` collects: ``max`` (largest |x|), ``percentile`` (the 99.99th
@@ -45,6 +53,7 @@ import numpy as np
 
 from .._deps import require
 from .precision import Feeds, TensorRange, feed_batches, feed_count, measure_activations, static_batch
+from .qdq_passes import pools_as_convs, remove_identity_pairs, unshare_initializers
 from .qdq_plan import (
     CALIBRATION_METHODS,
     QUANTIZED_OPS,
@@ -60,8 +69,12 @@ from .qdq_plan import (
 
 __all__ = ["QUANTIZED_OPS", "CALIBRATION_METHODS", "Int8Options", "QdqSite", "QdqPlan", "Int8Result",
            "weight_channel_axis", "attention_matmuls", "residual_inputs", "plan_qdq", "calibrated_amax",
-           "entropy_amax", "quantize_trt", "quantize_ort_x86", "CalibrationMethod", "FP16_SCALE_OPSET"]
+           "entropy_amax", "quantize_trt", "quantize_ort_x86", "CalibrationMethod", "FP16_SCALE_OPSET", "ORT_X86_OPS"]
 
+# ONNX Runtime x86 convention: the compute ops, plus Relu (folded into its producer's quantization) and Add
+# (QLinearAdd); Concat and Transpose/Reshape follow their quantized neighbours in ONNX Runtime's QDQ fusion
+# without being listed. Softmax and the attention scale Mul stay float (quantized: no measurable gain).
+ORT_X86_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Add")
 INT8_WEIGHT_MAX = 127  # symmetric: weights use [-127, 127]
 INT8_ACT_MAX = 127  # scale = amax / 127; TensorRT clamps activations to [-128, 127]
 MIN_AMAX = 1e-8  # an all-zero tensor still gets a positive scale
@@ -310,7 +323,7 @@ class _Reader:
 
 
 def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", reduce_range: bool = True,
-                     op_types: Sequence[str] = QUANTIZED_OPS, progress: Callable[[str], None] | None = None) -> Int8Result:
+                     op_types: Sequence[str] = ORT_X86_OPS, progress: Callable[[str], None] | None = None) -> Int8Result:
     """ONNX Runtime's x86 convention: QDQ, uint8 activations, int8 per-channel weights (``quantize_static``).
 
     Args:
@@ -321,7 +334,10 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
         reduce_range: 7-bit weights. Defaults to True: without AVX-512 VNNI, ONNX Runtime's U8S8 kernels
             (VPMADDUBSW) saturate int16 sums with 8-bit weights; measured on Next-ViT (depths 1,1,5,1):
             min cosine vs fp32 0.86 with 8-bit weights, 0.975 with 7-bit.
-        op_types: operators to quantize. Defaults to Conv, Gemm, MatMul (the compute-bound ones).
+        op_types: operators to quantize. Defaults to :data:`ORT_X86_OPS` (Conv, Gemm, MatMul, Relu, Add);
+            Conv, Gemm, MatMul alone leave one DequantizeLinear -> QuantizeLinear pair per Relu and float
+            residual Adds (Next-ViT-S on a VNNI CPU, 2 threads, interleaved: b1 2.0x -> 2.4x FP32 with
+            Relu/Add and the pool rewrite, b8 1.9x -> 2.6x; ``benchmarks/int8_speed.py --compare-ops``).
         progress: one-line progress callback. Defaults to silent.
     """
     onnx = require("onnx")
@@ -334,6 +350,7 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs a pre-processing hint at WARNING
     with tempfile.TemporaryDirectory(prefix="nextvit-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        model, unshared = unshare_initializers(model, op_types)
         onnx.save(model, str(src))
         q.quantize_static(
             str(src), str(dst), _Reader(model.graph.input[0].name, calibration, static=static_batch(model)),
@@ -343,11 +360,15 @@ def quantize_ort_x86(model, calibration: Feeds, *, method: str = "Percentile", r
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
         out = onnx.load(str(dst))
     logging.getLogger().setLevel(quiet)
+    out, identities = remove_identity_pairs(out)
+    out, pools = pools_as_convs(out)
     n_q = sum(n.op_type == "QuantizeLinear" for n in out.graph.node)
-    quantized = tuple(n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS)
+    quantized = tuple(n.name for n in model.graph.node if n.op_type in op_types)
     return Int8Result(model=out, convention="onnxruntime", quantized_nodes=quantized, activation_scales=n_q,
                       weight_tensors=sum(n.op_type == "DequantizeLinear" and n.input[0] in
                                          {i.name for i in out.graph.initializer} for n in out.graph.node),
                       method=method, notes=("uint8 activations (asymmetric), int8 per-channel weights, QDQ; "
                                             "ONNX Runtime fuses it into QLinear*/MatMulInteger kernels on x86",
-                                            f"reduce_range={reduce_range}"))
+                                            f"reduce_range={reduce_range}", f"op types: {', '.join(op_types)}"),
+                      extra={"op_types": list(op_types), "identity_dq_q_removed": identities,
+                             "initializers_unshared": unshared, "pools_as_depthwise_convs": pools})
