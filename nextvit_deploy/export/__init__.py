@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..artifact import Artifact, check_creatable_dir
 from ..errors import BadInput
 from ..hub import is_hub_spec, resolve_hub_file
-from ..targets import artifact_name, check_precision, load_object
+from ..targets import artifact_name, check_precision, get_target, load_object
 
 if TYPE_CHECKING:
     from nextvit_model import LoadedCheckpoint
@@ -73,6 +73,7 @@ class ExportRequest:
     min_deployment_target: str = "iOS16"
     input_kind: str = "tensor"  # "tensor" (normalised float input) or "image" (RGB 0..255)
     class_labels: Path | None = None
+    palettize_bits: int | None = None  # Core ML: N-bit lookup-table weights (export/coreml_compress.py)
     extra: dict[str, Any] = field(default_factory=dict)
     # INT8, TensorRT convention (see export/int8.py Int8Options)
     calib_method: str = "max"
@@ -122,6 +123,8 @@ class ExportRequest:
 
     def output_path(self, suffix: str | None = None) -> Path:
         h, w = self.image_size
+        if self.palettize_bits is not None and suffix is None:  # beside, not over, the dense package
+            suffix = f"-pal{self.palettize_bits}{get_target(self.target).suffix}"
         return self.out_dir / artifact_name(self.variant, self.target, self.precision, h, w,
                                             features_only=self.features_only, suffix=suffix)
 
@@ -197,6 +200,9 @@ def validate_request(req: ExportRequest) -> ExportRequest:
     from nextvit_model import InputSizeError, check_input_size, resolve_variant
 
     check_precision(req.target, req.precision)
+    from .coreml_compress import check_compression
+
+    check_compression(req)
     cfg = resolve_variant(req.variant)
     if min(req.batch) <= 0:
         raise BadInput(f"--batch must be at least 1, got {req.batch}")

@@ -50,6 +50,7 @@ from ..artifact import Artifact, tool_versions
 from ..errors import BadInput, DeployError
 from ..manifest import output_names_for, preprocessing_for
 from . import ExportRequest, build_deploy_model
+from .coreml_compress import add_compression_pass, compression_for, compression_record, package_bytes, size_line
 from .pipeline import export_stage
 
 __all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "parse_deployment_target", "read_class_labels",
@@ -288,9 +289,11 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     _validate(req)
     ct = import_coremltools()
     target = parse_deployment_target(req.min_deployment_target)
-    precision = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}.get(req.precision)
+    compression = compression_for(req)  # int8: int8 weights on an fp16 program (export/coreml_compress.py)
+    compute = compression.compute_precision if compression is not None else req.precision
+    precision = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}.get(compute)
     if precision is None:
-        raise BadInput(f"precision {req.precision} is not supported for target coreml: choose fp16 or fp32")
+        raise BadInput(f"precision {req.precision} is not supported for target coreml: choose fp16, fp32 or int8")
 
     fused = build_deploy_model(req, progress=progress)
     labels = None
@@ -333,11 +336,18 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
                                          predicted_probabilities_output=PROBABILITIES)
     progress(f"converting to an ML Program ({req.precision}, minimum target {target.name})")
     started = time.perf_counter()
-    with _quiet_conversion():
-        mlmodel = ct.convert(traced, source="pytorch", inputs=[ct_input], outputs=outputs,
-                             classifier_config=classifier, convert_to="mlprogram", compute_precision=precision,
-                             minimum_deployment_target=target, skip_model_load=True,
-                             pass_pipeline=conversion_pipeline(ct) if labels is None else classifier_pipeline(ct))
+    make_pipeline = conversion_pipeline if labels is None else classifier_pipeline
+
+    def convert(pipeline):
+        with _quiet_conversion():
+            return ct.convert(traced, source="pytorch", inputs=[ct_input], outputs=outputs,
+                              classifier_config=classifier, convert_to="mlprogram", compute_precision=precision,
+                              minimum_deployment_target=target, skip_model_load=True, pass_pipeline=pipeline)
+
+    mlmodel, dense = convert(make_pipeline(ct)), None
+    if compression is not None:  # converted again with the compression pass: the dense one gives the size before
+        progress(f"converting with {compression.bits}-bit {compression.mode} weights ({compression.granularity})")
+        dense, mlmodel = mlmodel, convert(add_compression_pass(ct, make_pipeline(ct), compression))
     convert_s = time.perf_counter() - started
     if labels is not None:
         mlmodel = _rename_output(ct, mlmodel, names[0])
@@ -347,7 +357,10 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     kind = "classifier" if not req.features_only else "backbone (feat_s4..feat_s32)"
     takes = ("RGB image input 0..255 (ImageNet normalisation inside)" if image_input
              else "normalised float32 NCHW input")
-    mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {req.precision}, {h}x{w}, {takes}"
+    label = req.precision if compression is None else (
+        f"{compression.bits}-bit {'int' if compression.mode == 'linear_symmetric' else 'palettized'} weights, "
+        f"{compression.compute_precision} compute")
+    mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {label}, {h}x{w}, {takes}"
     model_version = f"{req.variant}@" + (f"sha256:{req.checkpoint_sha256[:12]}" if req.checkpoint_sha256
                                          else f"random-seed{req.seed}")
     mlmodel.version = model_version  # the model's version (weights); the exporter's is nextvit.exporter_version
@@ -355,6 +368,8 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     meta = mlmodel.user_defined_metadata
     meta["nextvit.variant"] = req.variant
     meta["nextvit.precision"] = req.precision
+    if compression is not None:
+        meta["nextvit.weight_compression"] = f"{compression.mode} {compression.bits}-bit {compression.granularity}"
     meta["nextvit.preprocessing"] = json.dumps(pre, sort_keys=True)
     meta["nextvit.checkpoint_sha256"] = req.checkpoint_sha256 or f"none (random weights, seed {req.seed})"
     meta["nextvit.toolchain"] = json.dumps(versions, sort_keys=True)
@@ -385,10 +400,18 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             staged = Path(staging) / final.name
             mlmodel.save(str(staged))
             os.replace(staged, tmp)
+            if dense is not None:
+                dense.save(str(Path(staging) / f"dense-{final.name}"))
+                dense_bytes = package_bytes(Path(staging) / f"dense-{final.name}")
         facts = _program_facts(tmp)
+        squeezed = None if dense is None or compression is None else compression_record(
+            compression, dense_bytes=dense_bytes, compressed_bytes=package_bytes(tmp), op_counts=facts["op_counts"])
+        if squeezed is not None:
+            progress(size_line(squeezed))
         details = {
             "convert_to": "mlprogram",
-            "compute_precision": req.precision,
+            "compute_precision": compute,
+            "weight_compression": squeezed,
             "minimum_deployment_target": target.name,
             "input_kind": req.input_kind,
             "coreml_input": "ImageType RGB scale=1 bias=0" if image_input else "TensorType float32",
