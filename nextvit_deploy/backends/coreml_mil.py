@@ -37,7 +37,8 @@ from .base import Runner, TensorSpec
 from .coreml_mil_constexpr import CONSTEXPR_OPS, decompress
 
 ACCUMULATE = ("fp32", "fp16")
-__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "CONSTEXPR_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program"]
+__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "CONSTEXPR_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner",
+           "load_program"]
 
 
 class UnsupportedMilOp(DeployError):
