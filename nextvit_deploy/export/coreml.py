@@ -50,7 +50,14 @@ from ..artifact import Artifact, tool_versions
 from ..errors import BadInput, DeployError
 from ..manifest import output_names_for, preprocessing_for
 from . import ExportRequest, build_deploy_model
-from .coreml_compress import add_compression_pass, compression_for, compression_record, package_bytes, size_line
+from .coreml_compress import (
+    add_compression_pass,
+    check_target,
+    compression_for,
+    compression_record,
+    package_bytes,
+    size_line,
+)
 from .pipeline import export_stage
 
 __all__ = ["CoreMLWrapper", "freeze_traced_shapes", "conversion_pipeline", "parse_deployment_target", "read_class_labels",
@@ -290,6 +297,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     ct = import_coremltools()
     target = parse_deployment_target(req.min_deployment_target)
     compression = compression_for(req)  # int8: int8 weights on an fp16 program (export/coreml_compress.py)
+    check_target(ct, target, compression)
     compute = compression.compute_precision if compression is not None else req.precision
     precision = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}.get(compute)
     if precision is None:

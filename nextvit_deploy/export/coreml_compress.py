@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import ExportRequest
 
 __all__ = ["PALETTE_BITS", "WEIGHT_THRESHOLD", "WeightCompression", "compression_for", "check_compression",
-           "add_compression_pass", "package_bytes", "compression_record", "size_line"]
+           "check_target", "add_compression_pass", "package_bytes", "compression_record", "size_line"]
 
 PALETTE_BITS = (4, 6, 8)
 WEIGHT_THRESHOLD = 2048  # coremltools' default: tensors with at most this many elements stay dense
@@ -90,6 +90,14 @@ def check_compression(req: ExportRequest) -> None:
     if req.precision == "int8":
         raise BadInput("--palettize-bits replaces the weights by a lookup table, --precision int8 by int8 values: "
                        "pass --precision fp16 with --palettize-bits, or drop --palettize-bits")
+
+
+def check_target(ct, target, compression: WeightCompression | None) -> None:
+    """Compressed-weight ops exist from iOS16 / macOS13 on: refuse an older ``--min-target``."""
+    if compression is not None and target < ct.target.iOS16:
+        flag = "--precision int8" if compression.mode == "linear_symmetric" else "--palettize-bits"
+        raise BadInput(f"{flag} stores compressed weights, which need iOS16/macOS13 or newer, not {target.name}: "
+                       "pass --min-target iOS16")
 
 
 def add_compression_pass(ct, pipeline, compression: WeightCompression | None):
