@@ -61,13 +61,14 @@ TOLERANCES: dict[str, Tolerance] = {
     "coreml-pal8": Tolerance(atol=0.0, rtol=0.25, min_cosine=0.99,
                              source="Core ML 8-bit palettized weights (k-means, per tensor): measured worst cosine "
                                     "0.9983 (S 224 photos); gated at 0.99"),
-    "coreml-pal6": Tolerance(atol=0.0, rtol=0.5, min_cosine=PAL6_COSINE,
+    "coreml-pal6": Tolerance(atol=0.0, rtol=0.5, min_cosine=0.95,
                              source="Core ML 6-bit palettized weights (k-means, per tensor): measured worst cosine "
-                                    "PAL6_MEASURED; gated at PAL6_COSINE"),
-    "coreml-pal4": Tolerance(atol=0.0, rtol=1.0, min_cosine=PAL4_COSINE,
-                             source="Core ML 4-bit palettized weights (k-means, per tensor): a graph-sanity gate "
-                                    "only (16 values per tensor); measured worst cosine PAL4_MEASURED; gated at "
-                                    "PAL4_COSINE (a wrong expansion gives ~0)"),
+                                    "0.9653 (S 224 photos) and 0.982 (small 64); gated at 0.95"),
+    # 16 values per tensor: on random weights the logits keep only their coarse direction, so this row is a
+    # graph-sanity gate (a wrongly expanded weight drives the cosine towards 0), not an accuracy claim.
+    "coreml-pal4": Tolerance(atol=0.0, rtol=1.5, min_cosine=0.6,
+                             source="Core ML 4-bit palettized weights (k-means, per tensor): graph sanity only; "
+                                    "measured worst cosine 0.728 (S 224 photos) and 0.816 (small 64); gated at 0.6"),
 }
 
 
