@@ -48,6 +48,8 @@ ARTIFACTS: dict[str, tuple[str, dict[str, Any]]] = {
     "coreml_fp16": ("Core ML FP16 (ML Program evaluator)", {"target": "coreml", "precision": "fp16"}),
     "coreml_fp32": ("Core ML FP32 (ML Program evaluator)", {"target": "coreml", "precision": "fp32"}),
     "coreml_int8": ("Core ML INT8 weights, FP16 compute (ML Program evaluator)", {"target": "coreml", "precision": "int8"}),
+    "coreml_pal8": ("Core ML 8-bit palettized weights, FP16 (ML Program evaluator)",
+                    {"target": "coreml", "precision": "fp16", "palettize_bits": 8}),
     "coreml_pal6": ("Core ML 6-bit palettized weights, FP16 (ML Program evaluator)",
                     {"target": "coreml", "precision": "fp16", "palettize_bits": 6}),
     "coreml_pal4": ("Core ML 4-bit palettized weights, FP16 (ML Program evaluator)",
