@@ -236,10 +236,14 @@ def test_palettized_export_verifies_beside_the_dense_one(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kw,ops", [
-    (dict(precision="int8", input_kind="image"), "constexpr_blockwise_shift_scale"),
+    (dict(precision="int8", input_kind="image", labels=True), "constexpr_blockwise_shift_scale"),
     (dict(precision="fp16", palettize_bits=8), "constexpr_lut_to_dense"),
 ])
 def test_ios18_compressed_ops_verify(tmp_path, kw, ops):
+    if kw.pop("labels", False):  # an image classifier (classLabel + probabilities) with compressed weights
+        labels = tmp_path / "labels.txt"
+        labels.write_text("".join(f"class_{i:04d}\n" for i in range(1000)))
+        kw["class_labels"] = labels
     art = _export(tmp_path, min_deployment_target="iOS18", **kw)
     mode = "linear_symmetric" if kw["precision"] == "int8" else "kmeans"
     _check(art, mode=mode, ops=ops, ratio=(0.45, 0.56))

@@ -342,7 +342,7 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         outputs = [ct.TensorType(name=PROBABILITIES, dtype=np.float32), *outputs]
         classifier = ct.ClassifierConfig(labels, predicted_feature_name=CLASSIFIER_LABEL_OUTPUT,
                                          predicted_probabilities_output=PROBABILITIES)
-    progress(f"converting to an ML Program ({req.precision}, minimum target {target.name})")
+    progress(f"converting to an ML Program ({compute}, minimum target {target.name})")
     started = time.perf_counter()
     make_pipeline = conversion_pipeline if labels is None else classifier_pipeline
 
