@@ -30,6 +30,7 @@ MAX_SIDE = 2048
 MAX_CALIB_IMAGES = 2048
 MAX_WORKSPACE_GB = 1024.0
 OPT_LEVELS = range(0, 6)
+PALETTE_BITS = (4, 6, 8)  # Core ML --palettize-bits (export/coreml_compress.py)
 
 
 # progress(message) callback: exporters report long steps through it (the CLI shows a spinner/bar).
@@ -192,6 +193,20 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB"
 
 
+def _check_palettize(req: ExportRequest) -> None:
+    """``--palettize-bits``: Core ML only, one of :data:`PALETTE_BITS`, and not with int8 weights."""
+    bits = req.palettize_bits
+    if bits is None:
+        return
+    if req.target != "coreml":
+        raise BadInput(f"--palettize-bits applies only to --target coreml, not {req.target}: drop --palettize-bits")
+    if bits not in PALETTE_BITS:
+        raise BadInput(f"--palettize-bits must be one of {', '.join(map(str, PALETTE_BITS))}, got {bits}")
+    if req.precision == "int8":
+        raise BadInput("--palettize-bits replaces the weights by a lookup table, --precision int8 by int8 values: "
+                       "pass --precision fp16 with --palettize-bits, or drop --palettize-bits")
+
+
 def validate_request(req: ExportRequest) -> ExportRequest:
     """Check everything that can be checked before work starts (one-line errors naming the fix).
 
@@ -200,9 +215,7 @@ def validate_request(req: ExportRequest) -> ExportRequest:
     from nextvit_model import InputSizeError, check_input_size, resolve_variant
 
     check_precision(req.target, req.precision)
-    from .coreml_compress import check_compression
-
-    check_compression(req)
+    _check_palettize(req)
     cfg = resolve_variant(req.variant)
     if min(req.batch) <= 0:
         raise BadInput(f"--batch must be at least 1, got {req.batch}")

@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
+from . import PALETTE_BITS
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import ExportRequest
 
-__all__ = ["PALETTE_BITS", "WEIGHT_THRESHOLD", "WeightCompression", "compression_for", "check_compression",
+__all__ = ["PALETTE_BITS", "WEIGHT_THRESHOLD", "WeightCompression", "compression_for",
            "check_target", "add_compression_pass", "package_bytes", "compression_record", "size_line"]
 
-PALETTE_BITS = (4, 6, 8)
 WEIGHT_THRESHOLD = 2048  # coremltools' default: tensors with at most this many elements stay dense
 _PASSES = {"linear_symmetric": "compression::linear_quantize_weights", "kmeans": "compression::palettize_weights"}
 
@@ -70,26 +70,12 @@ class WeightCompression:
 
 
 def compression_for(req: ExportRequest) -> WeightCompression | None:
-    """The weight compression ``req`` asks for (None: dense weights). Call :func:`check_compression` first."""
+    """The weight compression ``req`` asks for (None: dense weights); ``validate_request`` checked the bits."""
     if req.precision == "int8":
         return WeightCompression("linear_symmetric", 8, "per_channel", compute_precision="fp16")
     if req.palettize_bits is not None:
         return WeightCompression("kmeans", int(req.palettize_bits), "per_tensor", compute_precision=req.precision)
     return None
-
-
-def check_compression(req: ExportRequest) -> None:
-    """Refuse a compression request that cannot be honoured (one line naming the fix)."""
-    bits = req.palettize_bits
-    if bits is None:
-        return
-    if req.target != "coreml":
-        raise BadInput(f"--palettize-bits applies only to --target coreml, not {req.target}: drop --palettize-bits")
-    if bits not in PALETTE_BITS:
-        raise BadInput(f"--palettize-bits must be one of {', '.join(map(str, PALETTE_BITS))}, got {bits}")
-    if req.precision == "int8":
-        raise BadInput("--palettize-bits replaces the weights by a lookup table, --precision int8 by int8 values: "
-                       "pass --precision fp16 with --palettize-bits, or drop --palettize-bits")
 
 
 def check_target(ct, target, compression: WeightCompression | None) -> None:
