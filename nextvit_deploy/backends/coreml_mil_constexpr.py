@@ -99,7 +99,7 @@ def lut_to_dense_blocked(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
     if any(n % m for n, m in zip(idx.shape, grid)):
         raise ValueError(f"indices {idx.shape} are not whole blocks of the lut grid {grid}")
     block = [np.arange(n) // (n // m) for n, m in zip(idx.shape, grid)]
-    return table[(*np.ix_(*block), idx, 0)]
+    return table[tuple(np.ix_(*block)) + (idx, 0)]
 
 
 def _affine(v: Mapping[str, Any], refuse: Refuse) -> np.ndarray:
