@@ -218,6 +218,7 @@ def _check(art, *, mode: str, ops: str, ratio: tuple[float, float]):
     return report
 
 
+@pytest.mark.slow  # two conversions + verify: ~15 s on 2 idle cores
 def test_int8_export_verifies(tmp_path):
     art = _export(tmp_path, precision="int8")
     assert art.path.name == "nextvit_small-coreml-int8-64.mlpackage" and art.precision == "int8"
