@@ -47,6 +47,13 @@ ARTIFACTS: dict[str, tuple[str, dict[str, Any]]] = {
     "trt_int8": ("INT8 TensorRT convention Q/DQ (ONNX Runtime CPU)", {"target": "trt", "precision": "int8"}),
     "coreml_fp16": ("Core ML FP16 (ML Program evaluator)", {"target": "coreml", "precision": "fp16"}),
     "coreml_fp32": ("Core ML FP32 (ML Program evaluator)", {"target": "coreml", "precision": "fp32"}),
+    "coreml_int8": ("Core ML INT8 weights, FP16 compute (ML Program evaluator)", {"target": "coreml", "precision": "int8"}),
+    "coreml_pal8": ("Core ML 8-bit palettized weights, FP16 (ML Program evaluator)",
+                    {"target": "coreml", "precision": "fp16", "palettize_bits": 8}),
+    "coreml_pal6": ("Core ML 6-bit palettized weights, FP16 (ML Program evaluator)",
+                    {"target": "coreml", "precision": "fp16", "palettize_bits": 6}),
+    "coreml_pal4": ("Core ML 4-bit palettized weights, FP16 (ML Program evaluator)",
+                    {"target": "coreml", "precision": "fp16", "palettize_bits": 4}),
 }
 SHORT_ARTIFACTS = ("onnx_fp32", "trt_int8")
 REGENERATE = "python benchmarks/accuracy_digits_eval.py"
@@ -88,7 +95,7 @@ def export_all(checkpoint: Path, out: Path, calib_dir: Path, keys: tuple[str, ..
     paths = {}
     for key in keys:
         fields = ARTIFACTS[key][1]
-        int8 = fields["precision"] == "int8"
+        int8 = fields["precision"] == "int8" and fields["target"] != "coreml"  # Core ML int8 is weight-only
         batch = (BATCH,) * 3 if fields["target"] == "coreml" else (1, BATCH, 64)  # Core ML: a fixed batch
         req = ExportRequest(**fields, image_size=(digits.IMAGE_SIZE, digits.IMAGE_SIZE), batch=batch,
                             opset=19, out_dir=out / key, checkpoint=checkpoint, depths=digits.DEPTHS,
@@ -133,12 +140,12 @@ def run_eval(artifact: Path, data: Path, *, limit: int | None = None, max_drop: 
 
 
 def run(*, short: bool = False, work: Path | None = None, log: Callable[[str], None] = print,
-        max_drop: float | None = None) -> dict[str, Any]:
-    """Train, write the folders, export, evaluate. Returns the results (nothing written)."""
+        max_drop: float | None = None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Train, write the folders, export, evaluate (the ``only`` rows, if given). Returns the results (nothing written)."""
     cfg = digits.SHORT if short else digits.FULL
     xtr, ytr, xte, yte = digits.digits_split()
     model, epochs, seconds = digits.train(xtr, ytr, cfg, log=log)
-    keys = SHORT_ARTIFACTS if short else tuple(ARTIFACTS)
+    keys = only or (SHORT_ARTIFACTS if short else tuple(ARTIFACTS))
     with tempfile.TemporaryDirectory(prefix="nextvit-digits-eval-") as tmp:
         w = Path(work or tmp)
         checkpoint = w / "digits_nextvit.pth"
@@ -159,7 +166,7 @@ def run(*, short: bool = False, work: Path | None = None, log: Callable[[str], N
             except RuntimeError as exc:
                 errors[key] = " ".join(str(exc).split())[:300]
         memory = {}
-        if not short:
+        if not short and "onnx_fp32" in paths:
             big = w / "big"
             n_big = write_image_folder(big, _pixels(xte), yte, copies=10, limit=5000)
             for limit in (500, None):
@@ -218,11 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--short", action="store_true", help="the gated short version (nothing written)")
     ap.add_argument("--work", type=Path, help="keep the folders and artifacts here")
+    ap.add_argument("--only", help=f"comma-separated rows ({', '.join(ARTIFACTS)}); printed, nothing written")
     args = ap.parse_args(argv)
-    res = run(short=args.short, work=args.work)
+    only = tuple(k.strip() for k in args.only.split(",")) if args.only else None
+    unknown = [k for k in only or () if k not in ARTIFACTS]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}: choose from {', '.join(ARTIFACTS)}")
+    res = run(short=args.short, work=args.work, only=only)
     text = markdown(res)
     print(text)
-    if not args.short:
+    if not args.short and only is None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "accuracy_digits_eval.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
         (RESULTS / "accuracy_digits_eval.md").write_text(text)

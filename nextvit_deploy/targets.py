@@ -38,9 +38,9 @@ TARGETS: dict[str, Target] = {
     "trt": Target("trt", ".engine", ("fp32", "fp16", "int8"), "tensorrt + NVIDIA GPU",
                   "nextvit_deploy.export.trt:export_trt", "nextvit_deploy.backends.tensorrt:runner_for_artifact",
                   "TensorRT engine built from a TensorRT-ready ONNX (precision in the graph)"),
-    "coreml": Target("coreml", ".mlpackage", ("fp32", "fp16"), "coremltools (convert anywhere; run on macOS)",
+    "coreml": Target("coreml", ".mlpackage", ("fp32", "fp16", "int8"), "coremltools (convert anywhere; run on macOS)",
                      "nextvit_deploy.export.coreml:export_coreml", "nextvit_deploy.backends.coreml:runner_for_artifact",
-                     "Core ML ML Program package"),
+                     "Core ML ML Program package; int8 is int8 weights (per channel) on an fp16 program"),
 }
 
 

@@ -86,7 +86,7 @@ def verify_artifact(artifact: Artifact, *, tolerance: Tolerance | None = None, m
     are skipped and named in the notes).
     """
     say = progress or (lambda _m: None)
-    tol = tolerance or tolerance_for(artifact.precision)
+    tol = tolerance or tolerance_for(artifact.precision, weight_compression=artifact.details.get("weight_compression"))
     sizes = image_sizes_of(artifact)
     if len(sizes) == 1:
         cases = parity_cases(artifact, max_batch=max_batch)

@@ -186,7 +186,8 @@ def test_classifier_metadata(out_dir):
     (dict(features_only=True, class_labels=Path("x.txt")), "--labels needs a classifier"),
     (dict(min_deployment_target="iOS14"), "too old for an ML Program.*iOS16"),
     (dict(min_deployment_target="iOS99"), "unknown minimum deployment target"),
-    (dict(precision="int8"), "precision int8 is not supported for target coreml"),
+    (dict(precision="int8", palettize_bits=4), "pass --precision fp16 with --palettize-bits"),
+    (dict(precision="int8", min_deployment_target="iOS15"), "need iOS16/macOS13 or newer.*--min-target iOS16"),
 ])
 def test_bad_requests_fail_with_fix(tmp_path, kw, match):
     from nextvit_deploy.errors import BadInput

@@ -90,6 +90,7 @@ def _options(ws: Path):
         "--json": [str(ws / "precious"), str(ws / "out" / "a.json"), str(ws / "afile" / "x.json")],
         "--out": [str(ws / "out"), str(ws / "afile"), str(ws / "afile" / "sub"), str(ws / "out" / "deep")],
         "--timing-cache": [str(ws / "t.cache")],
+        "--palettize-bits": ["4", "6", "5", "0", "x"],
     }
     pair = st.sampled_from(sorted(values)).flatmap(lambda k: st.tuples(st.just(k), st.sampled_from(values[k])))
     switch = st.sampled_from(["--backbone", "--force", "--no-simplify", "--simplify", "--bogus"])

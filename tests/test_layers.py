@@ -19,7 +19,8 @@ LEAVES = {"nextvit_deploy", "errors", "_deps", "artifact", "atomic", "manifest",
           "parity", "flops", "fuse", "published", "latency", "report", "reference", "trt_compat", "backends",
           "backends.base"}
 # One runtime may span modules (the Core ML runner and its Linux evaluator); no runtime imports another.
-BACKEND_FAMILIES = {"backends.coreml": "coreml", "backends.coreml_mil": "coreml", "backends.onnxrt": "onnxrt",
+BACKEND_FAMILIES = {"backends.coreml": "coreml", "backends.coreml_mil": "coreml",
+                    "backends.coreml_mil_constexpr": "coreml", "backends.onnxrt": "onnxrt",
                     "backends.tensorrt": "tensorrt", "backends.torch": "torch"}
 
 

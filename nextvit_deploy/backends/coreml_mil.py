@@ -11,6 +11,9 @@ fp16 program stores it. What this cannot reproduce is how a particular Core ML d
 *inside* an op (the Neural Engine and GPU may accumulate in fp16); it models fp16 storage with fp32
 accumulation. An fp32 program is evaluated in fp32 throughout.
 
+Compressed weights (``constexpr_*`` ops of int8 / palettized packages, :data:`CONSTEXPR_OPS`) are
+expanded to dense tensors once, when the program loads (``backends/coreml_mil_constexpr.py``).
+
 Only the op types Next-ViT packages contain are implemented (:data:`SUPPORTED_OPS`); any other op,
 or a parameter value outside what is implemented, is refused up front with :class:`UnsupportedMilOp`
 naming it, never approximated. ``tests/test_coreml_mil_ops.py`` checks each op against PyTorch.
@@ -31,10 +34,11 @@ import torch.nn.functional as F
 
 from ..errors import ArtifactError, BadInput, DeployError
 from .base import Runner, TensorSpec
+from .coreml_mil_constexpr import CONSTEXPR_OPS, decompress
 
 ACCUMULATE = ("fp32", "fp16")
-__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner", "load_program",
-           "enumerated_input_shapes"]
+__all__ = ["ACCUMULATE", "SUPPORTED_OPS", "CONSTEXPR_OPS", "UnsupportedMilOp", "ClassScores", "MilEvaluator", "MilRunner",
+           "load_program", "enumerated_input_shapes"]
 
 
 class UnsupportedMilOp(DeployError):
@@ -497,7 +501,8 @@ class MilEvaluator:
             raise ArtifactError(f"the ML Program has no function {function!r} (it has {sorted(program.functions)})")
         func = program.functions[function]
         self.ops = list(func.operations)
-        unknown = Counter(op.op_type for op in self.ops if op.op_type != "const" and op.op_type not in SUPPORTED_OPS)
+        unknown = Counter(op.op_type for op in self.ops if op.op_type != "const" and op.op_type not in SUPPORTED_OPS
+                          and op.op_type not in CONSTEXPR_OPS)
         if unknown:
             listed = ", ".join(f"{t} (x{n})" for t, n in sorted(unknown.items()))
             raise UnsupportedMilOp(f"the ML Program uses op(s) the MIL evaluator does not implement: {listed}; "
@@ -512,6 +517,14 @@ class MilEvaluator:
             if op.op_type == "const":
                 var = op.outputs[0]
                 self.consts[var.name] = _const_value(var)
+            elif op.op_type in CONSTEXPR_OPS:  # compressed weight: expanded once, stored in its declared dtype
+                dense = decompress(op, _Args(op, {}).refuse)
+                self.consts[op.outputs[0].name] = _store(torch.from_numpy(np.ascontiguousarray(dense)), op.outputs[0])
+        feeds_only_constexpr = {v.name for op in self.ops if op.op_type in CONSTEXPR_OPS for v in op.inputs.values()}
+        feeds_only_constexpr -= {v.name for op in self.ops if op.op_type not in CONSTEXPR_OPS
+                                 for var in op.inputs.values() for v in (var if isinstance(var, (list, tuple)) else [var])}
+        for name in feeds_only_constexpr - {v.name for v in func.outputs}:  # compressed form: not needed once expanded
+            self.consts.pop(name, None)
         self._last_use = self._liveness(func)
 
     @classmethod
@@ -566,7 +579,7 @@ class MilEvaluator:
             env[name] = _store(torch.from_numpy(np.ascontiguousarray(arr)), var)
         with torch.inference_mode():
             for i, op in enumerate(self.ops):
-                if op.op_type == "const":
+                if op.op_type == "const" or op.op_type in CONSTEXPR_OPS:
                     continue
                 result = SUPPORTED_OPS[op.op_type](_Args(op, env, fp16=self.accumulate == "fp16"))
                 results = result if isinstance(result, tuple) else (result,)

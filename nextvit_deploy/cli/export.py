@@ -40,6 +40,10 @@ Examples:
   nextvit-deploy export --target coreml --backbone --image-sizes 512x512,640x640,800x1216
 
   nextvit-deploy export --target coreml --precision fp16 --calib-dir images/   # FP16 overflow guard, measured
+
+  nextvit-deploy export --target coreml --precision int8              # int8 weights, fp16 compute
+
+  nextvit-deploy export --target coreml --precision fp16 --palettize-bits 6
 """
 
 
@@ -55,6 +59,7 @@ TARGET_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "min_target": ("--min-target", ("coreml",)),
     "labels": ("--labels", ("coreml",)),
     "image_sizes": ("--image-sizes", ("coreml",)),
+    "palettize_bits": ("--palettize-bits", ("coreml",)),
 }
 CALIBRATION_ONLY: dict[str, str] = {"calib_dir": "--calib-dir", "calib_images": "--calib-images"}
 # TensorRT-convention INT8 options (export/int8.py Int8Options).
@@ -131,6 +136,9 @@ def export_cmd(
     image_sizes: Annotated[str | None, typer.Option(
         help="Core ML --backbone: several input sizes in one package (EnumeratedShapes), HEIGHTxWIDTH multiples of 32 "
              "separated by commas, e.g. 512x512,640x640,800x1216; the first is the default.")] = None,
+    palettize_bits: Annotated[int | None, typer.Option(
+        help="Core ML: store the weights as a 4-, 6- or 8-bit lookup table (k-means), with --precision fp16/fp32.")]
+    = None,
     json_path: JsonOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing artifact of the same name that holds other weights.")] = False,
@@ -165,7 +173,7 @@ def export_cmd(
         workspace_gb=workspace_gb, timing_cache=timing_cache, builder_opt_level=opt_level,
         min_deployment_target=min_target, input_kind=input_kind, class_labels=labels, calib_method=calib_method,
         int8_high_precision=int8_float, int8_attention=quantize_attention, int8_residual=residual_qdq, device=device,
-        int8_weight_bits=int8_weight_bits, force=force,
+        int8_weight_bits=int8_weight_bits, palettize_bits=palettize_bits, force=force,
         calibrate_fp16=target.value == "coreml" and any(given(ctx, name) for name in CALIBRATION_ONLY))
     with progress_status(f"exporting {canonical} to {req.target} ({req.precision})") as say:
         try:
@@ -179,6 +187,10 @@ def export_cmd(
                           highlight=False, soft_wrap=True)
             raise
     out.print(artifact_table(art))
+    if art.details.get("weight_compression"):
+        from ..export.coreml_compress import size_line
+
+        out.print(size_line(art.details["weight_compression"]), highlight=False)
     if json_path:
         write_json(json_path, art.to_dict())
         err.print(f"wrote {json_path}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..artifact import Artifact, check_creatable_dir
 from ..errors import BadInput
 from ..hub import is_hub_spec, resolve_hub_file
-from ..targets import artifact_name, check_precision, load_object
+from ..targets import artifact_name, check_precision, get_target, load_object
 
 if TYPE_CHECKING:
     from nextvit_model import LoadedCheckpoint
@@ -30,6 +30,7 @@ MAX_SIDE = 2048
 MAX_CALIB_IMAGES = 2048
 MAX_WORKSPACE_GB = 1024.0
 OPT_LEVELS = range(0, 6)
+PALETTE_BITS = (4, 6, 8)  # Core ML --palettize-bits (export/coreml_compress.py)
 
 
 # progress(message) callback: exporters report long steps through it (the CLI shows a spinner/bar).
@@ -78,6 +79,7 @@ class ExportRequest:
     class_labels: Path | None = None
     # Core ML backbone with enumerated input sizes (the first is image_size, the default); see coreml_shapes.py
     image_sizes: tuple[tuple[int, int], ...] | None = None
+    palettize_bits: int | None = None  # Core ML: N-bit lookup-table weights (export/coreml_compress.py)
     extra: dict[str, Any] = field(default_factory=dict)
     # INT8, TensorRT convention (see export/int8.py Int8Options)
     calib_method: str = "max"
@@ -127,6 +129,8 @@ class ExportRequest:
 
     def output_path(self, suffix: str | None = None) -> Path:
         h, w = self.image_size
+        if self.palettize_bits is not None and suffix is None:  # beside, not over, the dense package
+            suffix = f"-pal{self.palettize_bits}{get_target(self.target).suffix}"
         return self.out_dir / artifact_name(self.variant, self.target, self.precision, h, w,
                                             features_only=self.features_only, suffix=suffix, sizes=self.image_sizes)
 
@@ -194,6 +198,20 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB"
 
 
+def _check_palettize(req: ExportRequest) -> None:
+    """``--palettize-bits``: Core ML only, one of :data:`PALETTE_BITS`, and not with int8 weights."""
+    bits = req.palettize_bits
+    if bits is None:
+        return
+    if req.target != "coreml":
+        raise BadInput(f"--palettize-bits applies only to --target coreml, not {req.target}: drop --palettize-bits")
+    if bits not in PALETTE_BITS:
+        raise BadInput(f"--palettize-bits must be one of {', '.join(map(str, PALETTE_BITS))}, got {bits}")
+    if req.precision == "int8":
+        raise BadInput("--palettize-bits replaces the weights by a lookup table, --precision int8 by int8 values: "
+                       "pass --precision fp16 with --palettize-bits, or drop --palettize-bits")
+
+
 def validate_request(req: ExportRequest) -> ExportRequest:
     """Check everything that can be checked before work starts (one-line errors naming the fix).
 
@@ -202,6 +220,7 @@ def validate_request(req: ExportRequest) -> ExportRequest:
     from nextvit_model import InputSizeError, check_input_size, resolve_variant
 
     check_precision(req.target, req.precision)
+    _check_palettize(req)
     cfg = resolve_variant(req.variant)
     if min(req.batch) <= 0:
         raise BadInput(f"--batch must be at least 1, got {req.batch}")

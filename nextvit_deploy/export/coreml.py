@@ -52,6 +52,14 @@ from ..artifact import Artifact, tool_versions
 from ..errors import BadInput, DeployError
 from ..manifest import output_names_for, preprocessing_for
 from . import ExportRequest, build_deploy_model
+from .coreml_compress import (
+    add_compression_pass,
+    check_target,
+    compression_for,
+    compression_record,
+    package_bytes,
+    size_line,
+)
 from .coreml_shapes import check_trace_sizes, enumerated_shapes, shape_details, size_label
 from .pipeline import export_stage
 
@@ -292,9 +300,12 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     _validate(req)
     ct = import_coremltools()
     target = parse_deployment_target(req.min_deployment_target)
-    precision = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}.get(req.precision)
+    compression = compression_for(req)  # int8: int8 weights on an fp16 program (export/coreml_compress.py)
+    check_target(ct, target, compression)
+    compute = compression.compute_precision if compression is not None else req.precision
+    precision = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}.get(compute)
     if precision is None:
-        raise BadInput(f"precision {req.precision} is not supported for target coreml: choose fp16 or fp32")
+        raise BadInput(f"precision {req.precision} is not supported for target coreml: choose fp16, fp32 or int8")
 
     fused = build_deploy_model(req, progress=progress)
     labels = None
@@ -343,23 +354,27 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
         outputs = [ct.TensorType(name=PROBABILITIES, dtype=np.float32), *outputs]
         classifier = ct.ClassifierConfig(labels, predicted_feature_name=CLASSIFIER_LABEL_OUTPUT,
                                          predicted_probabilities_output=PROBABILITIES)
+    make_pipeline = conversion_pipeline if labels is None else classifier_pipeline
 
-    def convert(to: str, compute_precision):
+    def convert(to: str, compute_precision, pipeline=None):
         with _quiet_conversion():
             return ct.convert(traced, source="pytorch", inputs=[ct_input], outputs=outputs,
                               classifier_config=classifier, convert_to=to, compute_precision=compute_precision,
                               minimum_deployment_target=target, skip_model_load=True,
-                              pass_pipeline=conversion_pipeline(ct) if labels is None else classifier_pipeline(ct))
+                              pass_pipeline=pipeline if pipeline is not None else make_pipeline(ct))
 
     guard = None
-    if req.precision == "fp16":  # the FP16 overflow guard: ops kept in fp32 (export/coreml_fp16.py)
+    if compute == "fp16":  # the FP16 overflow guard: ops kept in fp32 (export/coreml_fp16.py)
         from .coreml_fp16 import plan_coreml_fp16
 
         guard = plan_coreml_fp16(req, lambda: convert("milinternal", ct.precision.FLOAT32), progress=progress)
         precision = guard.compute_precision(ct)
-    progress(f"converting to an ML Program ({req.precision}, minimum target {target.name})")
+    progress(f"converting to an ML Program ({compute}, minimum target {target.name})")
     started = time.perf_counter()
-    mlmodel = convert("mlprogram", precision)
+    mlmodel, dense = convert("mlprogram", precision), None
+    if compression is not None:  # converted again with the compression pass: the dense one gives the size before
+        progress(f"converting with {compression.bits}-bit {compression.mode} weights ({compression.granularity})")
+        dense, mlmodel = mlmodel, convert("mlprogram", precision, add_compression_pass(ct, make_pipeline(ct), compression))
     convert_s = time.perf_counter() - started
     if labels is not None:
         mlmodel = _rename_output(ct, mlmodel, names[0])
@@ -370,7 +385,10 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     takes = ("RGB image input 0..255 (ImageNet normalisation inside)" if image_input
              else "normalised float32 NCHW input")
     size_text = f"sizes {size_label(sizes).replace('+', ', ')}" if sizes else f"{h}x{w}"
-    mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {req.precision}, {size_text}, {takes}"
+    label = req.precision if compression is None else (
+        f"{compression.bits}-bit {'int' if compression.mode == 'linear_symmetric' else 'palettized'} weights, "
+        f"{compression.compute_precision} compute")
+    mlmodel.short_description = f"Next-ViT {req.variant} {kind}, {label}, {size_text}, {takes}"
     model_version = f"{req.variant}@" + (f"sha256:{req.checkpoint_sha256[:12]}" if req.checkpoint_sha256
                                          else f"random-seed{req.seed}")
     mlmodel.version = model_version  # the model's version (weights); the exporter's is nextvit.exporter_version
@@ -378,6 +396,8 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
     meta = mlmodel.user_defined_metadata
     meta["nextvit.variant"] = req.variant
     meta["nextvit.precision"] = req.precision
+    if compression is not None:
+        meta["nextvit.weight_compression"] = f"{compression.mode} {compression.bits}-bit {compression.granularity}"
     meta["nextvit.preprocessing"] = json.dumps(pre, sort_keys=True)
     meta["nextvit.checkpoint_sha256"] = req.checkpoint_sha256 or f"none (random weights, seed {req.seed})"
     meta["nextvit.toolchain"] = json.dumps(versions, sort_keys=True)
@@ -411,12 +431,20 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             staged = Path(staging) / final.name
             mlmodel.save(str(staged))
             os.replace(staged, tmp)
+            if dense is not None:
+                dense.save(str(Path(staging) / f"dense-{final.name}"))
+                dense_bytes = package_bytes(Path(staging) / f"dense-{final.name}")
         facts = _program_facts(tmp)
         if guard is not None:
             facts["precision_transform"] = guard.details(tmp, progress=progress)
+        squeezed = None if dense is None or compression is None else compression_record(
+            compression, dense_bytes=dense_bytes, compressed_bytes=package_bytes(tmp), op_counts=facts["op_counts"])
+        if squeezed is not None:
+            progress(size_line(squeezed))
         details = {
             "convert_to": "mlprogram",
-            "compute_precision": req.precision,
+            "compute_precision": compute,
+            "weight_compression": squeezed,
             "minimum_deployment_target": target.name,
             "input_kind": req.input_kind,
             "coreml_input": "ImageType RGB scale=1 bias=0" if image_input else "TensorType float32",
