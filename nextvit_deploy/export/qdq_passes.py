@@ -233,6 +233,7 @@ def pools_as_convs(model) -> tuple[Any, int]:
             continue
         kernel, strides = geometry
         channels = shapes[n.input[0]][1]
+        assert channels is not None  # _pool_as_conv refuses a pool without a static channel count
         base = f"{n.name or n.output[0]}__as_conv"
         added += [numpy_helper.from_array(np.ones([channels, 1, *kernel], np.int8), f"{base}_w"),
                   numpy_helper.from_array(np.array(1.0 / np.prod(kernel), np.float32), f"{base}_w_scale"),
