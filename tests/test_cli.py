@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import assert_user_error
 from typer.testing import CliRunner
 
 from nextvit_deploy.cli import app
@@ -17,19 +17,6 @@ runner = CliRunner()
 
 def run(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def assert_user_error(result, pattern: str, out_dir: Path | None = None):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
-    import re
-
-    assert re.search(pattern, errors[0]), errors[0]
-    if out_dir is not None and out_dir.exists():
-        assert list(out_dir.iterdir()) == [], "a failed export must leave no artifact behind"
 
 
 def test_help_lists_the_commands():

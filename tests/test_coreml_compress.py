@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import assert_user_error
 
 from conftest import SMALL_DEPTHS, requires
 
@@ -263,19 +264,13 @@ def test_ios18_compressed_ops_verify(tmp_path, kw, ops):
     (["--target", "coreml", "--precision", "int8", "--calib-dir", "."], r"--calib-dir applies only to .*coreml"),
 ])
 def test_cli_refuses_with_one_line(tmp_path, args, pattern):
-    import re
 
     from typer.testing import CliRunner
 
     from nextvit_deploy.cli import app
 
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["export", *args, "--image-size", "64", "--out", str(out)])
-    assert res.exit_code == 2, res.output
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and re.search(pattern, errors[0]), res.stderr
-    assert "Traceback" not in res.output
-    assert not out.exists() or not list(out.iterdir())
+    assert_user_error(CliRunner().invoke(app, ["export", *args, "--image-size", "64", "--out", str(out)]), pattern, out)
 
 
 def test_api_refuses_palettize_bits_off_coreml(tmp_path):

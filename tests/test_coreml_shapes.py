@@ -6,12 +6,12 @@ evaluator at each size; the package declares exactly those shapes, the evaluator
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_checks import assert_user_error
 from typer.testing import CliRunner
 
 from conftest import SMALL_DEPTHS, requires
@@ -161,11 +161,4 @@ def _cli(*args: str):
 ])
 def test_bad_image_sizes_is_one_line_exit_2(tmp_path: Path, args, pattern):
     out = tmp_path / "out"
-    result = _cli(*args, "--out", str(out))
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
-    assert re.search(pattern, errors[0]), errors[0]
-    assert not out.exists() or list(out.iterdir()) == []
+    assert_user_error(_cli(*args, "--out", str(out)), pattern, out)
