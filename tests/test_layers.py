@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"nextvit_deploy": ROOT / "nextvit_deploy", "nextvit_model": ROOT / "model"}
 
 # Modules every layer may use; they import nothing above themselves. backends.base is the runner contract.
-LEAVES = {"nextvit_deploy", "errors", "_deps", "artifact", "atomic", "manifest", "targets", "data", "preprocess", "hub",
-          "parity", "flops", "fuse", "published", "latency", "report", "reference", "trt_compat", "backends",
+LEAVES = {"nextvit_deploy", "errors", "_deps", "artifact", "atomic", "sizes", "manifest", "targets", "data", "preprocess",
+          "hub", "parity", "flops", "fuse", "published", "latency", "report", "reference", "trt_compat", "backends",
           "backends.base"}
 # One runtime may span modules (the Core ML runner and its Linux evaluator); no runtime imports another.
 BACKEND_FAMILIES = {"backends.coreml": "coreml", "backends.coreml_mil": "coreml",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..artifact import Artifact, check_creatable_dir
 from ..errors import BadInput
 from ..hub import is_hub_spec, resolve_hub_file
+from ..sizes import parse_image_size
 from ..targets import artifact_name, check_precision, get_target, load_object
 
 if TYPE_CHECKING:
@@ -150,20 +151,6 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     if not lo <= opt <= hi:
         raise BadInput(f"--batch {text}: need min <= opt <= max")
     return lo, opt, hi
-
-
-def parse_image_size(text: str | int) -> tuple[int, int]:
-    """``"224"`` -> (224, 224); ``"256x320"`` -> (256, 320) (height x width)."""
-    s = str(text).lower().replace(",", "x")
-    try:
-        parts = [int(p) for p in s.split("x")]
-    except ValueError:
-        raise BadInput(f"--image-size {text!r} is not a size: use 224 or HEIGHTxWIDTH such as 256x320") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise BadInput(f"--image-size {text!r} is not a size: use 224 or HEIGHTxWIDTH such as 256x320")
-    return parts[0], parts[1]
 
 
 def opset_range() -> tuple[int, int]:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput, DeployError
+from ..sizes import parse_image_size
 
 __all__ = ["MAX_IMAGE_SIZES", "SIZE_MULTIPLE", "parse_image_sizes", "check_image_sizes", "size_label",
            "enumerated_shapes", "check_trace_sizes", "shape_details"]
@@ -62,20 +63,13 @@ def parse_image_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
     Only the syntax and the count are checked here; :func:`check_image_sizes` checks the sizes themselves.
     """
-    items = [t.strip() for t in str(text).split(",")]
     sizes = []
-    for item in items:
+    for item in (t.strip() for t in str(text).split(",")):
         try:
-            parts = [int(p) for p in item.lower().split("x")]
-        except ValueError:
+            sizes.append(parse_image_size(item))  # each item is an --image-size
+        except BadInput:
             raise BadInput(f"--image-sizes {text!r}: {item!r} is not a size: use HEIGHTxWIDTH items separated by "
                            "commas, e.g. 512x512,640x640") from None
-        if len(parts) == 1:
-            parts *= 2
-        if len(parts) != 2 or min(parts) <= 0:
-            raise BadInput(f"--image-sizes {text!r}: {item!r} is not a size: use HEIGHTxWIDTH items separated by "
-                           "commas, e.g. 512x512,640x640")
-        sizes.append((parts[0], parts[1]))
     if len(sizes) < 2:
         raise BadInput(f"--image-sizes {text!r} lists one size: list two or more (512x512,640x640), or pass one size "
                        "with --image-size")
