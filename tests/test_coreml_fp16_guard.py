@@ -129,7 +129,7 @@ def _tiny_convert(tmp: Path, compute_precision, name: str):
 def test_guard_functions_keep_the_overflowing_matmul_of_a_tiny_attention(tmp_path):
     import coremltools as ct
 
-    from nextvit_deploy.backends.coreml_mil import MilEvaluator
+    from nextvit_deploy.backends.coreml_mil import MilEvaluator, load_program
     from nextvit_deploy.export.coreml_fp16 import CoreMLFp16Plan, choose_fp32_ops, measure_program
     from nextvit_deploy.export.fp16 import Fp16Policy
 
@@ -153,7 +153,7 @@ def test_guard_functions_keep_the_overflowing_matmul_of_a_tiny_attention(tmp_pat
     assert not np.isfinite(plain.run({"input": check})["out"]).all()  # unguarded fp16: inf/NaN
     plan = CoreMLFp16Plan(planned=kept, policy=Fp16Policy(), calibration={"images": 6}, ranges_summary={})
     guarded_path = _tiny_convert(tmp_path, plan.compute_precision(ct), "guarded")
-    details = plan.details(guarded_path)
+    details = plan.details(load_program(guarded_path))
     assert details["fp32_kept_count"] == 3 == details["fp32_ops"] and details["fp32_not_applied"] == []
     assert details["fp16_ops"] >= 4  # q, k, v projections and attn @ v stay fp16
     for accumulate in ("fp32", "fp16"):  # the evaluator runs the mixed program at both fp16 bounds
@@ -166,6 +166,7 @@ def _static_package(tmp: Path, edit) -> dict:
     """TinyAttention with ``edit`` applied to its v projection, converted with a guard that measured nothing."""
     import coremltools as ct
 
+    from nextvit_deploy.backends.coreml_mil import load_program
     from nextvit_deploy.export.coreml import _quiet_conversion, conversion_pipeline
     from nextvit_deploy.export.coreml_fp16 import CoreMLFp16Plan
     from nextvit_deploy.export.fp16 import Fp16Policy
@@ -182,7 +183,7 @@ def _static_package(tmp: Path, edit) -> dict:
                            skip_model_load=True)
     path = tmp / f"static{len(list(tmp.iterdir()))}.mlpackage"
     model.save(str(path))
-    return plan.details(path)
+    return plan.details(load_program(path))
 
 
 def test_static_rules_without_calibration(tmp_path):

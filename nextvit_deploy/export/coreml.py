@@ -250,11 +250,8 @@ def _validate(req: ExportRequest) -> None:
                        "pass --batch 1 or drop --labels")
 
 
-def _program_facts(package: Path) -> dict[str, Any]:
-    """Op histogram and interface of the saved package's ML Program (read back as coremltools would)."""
-    from ..backends.coreml_mil import load_program
-
-    prog = load_program(package)
+def _program_facts(prog) -> dict[str, Any]:
+    """Op histogram and interface of the saved package's ML Program (``prog``: read back as coremltools would)."""
     func = prog.functions["main"]
     ops: dict[str, int] = {}
     for op in func.operations:
@@ -434,9 +431,12 @@ def export_coreml(req: ExportRequest, *, progress: Callable[[str], None]) -> Art
             if dense is not None:
                 dense.save(str(Path(staging) / f"dense-{final.name}"))
                 dense_bytes = package_bytes(Path(staging) / f"dense-{final.name}")
-        facts = _program_facts(tmp)
+        from ..backends.coreml_mil import load_program
+
+        saved = load_program(tmp)  # read back once: the facts and the fp16 guard's check both use it
+        facts = _program_facts(saved)
         if guard is not None:
-            facts["precision_transform"] = guard.details(tmp, progress=progress)
+            facts["precision_transform"] = guard.details(saved, progress=progress)
         squeezed = None if dense is None or compression is None else compression_record(
             compression, dense_bytes=dense_bytes, compressed_bytes=package_bytes(tmp), op_counts=facts["op_counts"])
         if squeezed is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -215,8 +214,9 @@ class CoreMLFp16Plan:
 
         return ct.transform.FP16ComputePrecision(op_selector=op_selector)
 
-    def details(self, package: Path, *, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-        """The manifest record, checked against the saved package; each kept op is also reported to
+    def details(self, saved_program, *, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+        """The manifest record, checked against the saved package's program (``coreml_mil.load_program`` of the
+        package, as the exporter has already read it back); each kept op is also reported to
         ``progress`` (one ``fp32 kept: ...`` line each, as the TensorRT path prints them).
 
         ``fp32_kept`` has the TensorRT keep-list's shape (``node``, ``op_type``, ``reason``; nodes named as in
@@ -227,9 +227,7 @@ class CoreMLFp16Plan:
         Raises:
             DeployError: an op the selector kept computes in fp16 in the package.
         """
-        from ..backends.coreml_mil import load_program
-
-        ops = program_precision(load_program(package))
+        ops = program_precision(saved_program)
         named = [(k, KeptNode(package_name(k.node), k.op_type, k.reason)) for k in self.kept]
         wrong = [pk.node for k, pk in named if k.node in self.seen and ops.get(pk.node, {}).get("dtype") == "fp16"]
         if wrong:
